@@ -1,0 +1,62 @@
+"""The `pie` command: registers subcommands; imports nothing heavy (`pie --help` is instant)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pie_cli import __version__
+from pie_cli.boundary import guarded
+from pie_cli.commands.models import models_app
+from pie_cli.commands.simulate import simulate
+from pie_cli.console import ui
+from pie_cli.options import ProgressMode
+
+app = typer.Typer(
+    name="pie",
+    help=(
+        "Simulate disease progression on medical images with Progressive Image Editing (PIE) "
+        "on Stable Diffusion 1.x. Outputs are research simulations, not diagnoses."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pie {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks and library logs.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only results on stdout; no progress or notes.")
+    ] = False,
+    progress: Annotated[
+        ProgressMode,
+        typer.Option(
+            "--progress", envvar="PIE_PROGRESS", help="Progress display (auto: bars on a terminal)."
+        ),
+    ] = ProgressMode.auto,
+) -> None:
+    ui.debug = debug
+    ui.quiet = quiet
+    ui.progress = progress.value
+
+
+app.command("simulate", no_args_is_help=True)(guarded(simulate))
+app.add_typer(models_app, name="models")
+
+
+def main() -> None:
+    app(prog_name="pie")

@@ -1,0 +1,52 @@
+"""The two consoles (stdout = results, stderr = everything else) and the UI settings.
+
+Created lazily and once, so every command and the progress display share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+
+@dataclass
+class UiSettings:
+    debug: bool = False
+    quiet: bool = False
+    progress: str = "auto"  # auto | on | plain | off
+
+
+ui = UiSettings()
+
+
+@cache
+def out():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@cache
+def err():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    err().print(f"Error: {message}", style="red", markup=False)
+
+
+def warn(message: str) -> None:
+    if not ui.quiet:
+        err().print(f"warning: {message}", style="yellow", markup=False)
+
+
+def info(message: str) -> None:
+    if not ui.quiet:
+        err().print(message, markup=False)
+
+
+def result(text: str) -> None:
+    """A result for scripts (a path, JSON): stdout, unstyled."""
+    out().print(text, markup=False, highlight=False)

@@ -1,0 +1,69 @@
+"""Shared option declarations, so --model, --seed, --device, --out mean the same everywhere."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class SchedulerName(str, Enum):
+    model = "model"
+    pndm = "pndm"
+    ddim = "ddim"
+    dpmpp = "dpm++"
+    euler = "euler"
+
+
+class ProgressMode(str, Enum):
+    auto = "auto"
+    on = "on"
+    plain = "plain"
+    off = "off"
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="PIE_MODEL",
+        help="Model: a diffusers directory, an alias (`pie models list`) or a Hugging Face repo id in the local cache.",
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", envvar="PIE_SEED", help="Seed of the one random generator.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", envvar="PIE_DEVICE", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps, cpu."
+    ),
+]
+DtypeOpt = Annotated[
+    Dtype,
+    typer.Option(
+        "--dtype",
+        envvar="PIE_DTYPE",
+        help="auto = fp16 on CUDA (VAE kept in fp32 when it would overflow), fp32 elsewhere.",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output directory (default: runs/<image>-<time>).", show_default=False),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace pie's files in a non-empty --out (other files are kept).")
+]
+ResolutionOpt = Annotated[
+    int, typer.Option("--resolution", "-r", help="Frames are R x R: short side resized to R, centre-cropped.")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
