@@ -1,0 +1,1 @@
+"""Offline demo assets: a tiny Stable-Diffusion-shaped model and a synthetic chest-X-ray-like input."""
