@@ -151,20 +151,9 @@ def _check_fit(source: ModelSource, unet, text_encoder, vae) -> None:
 
 def _apply_loras(components: Components, adapters: tuple[Adapter, ...], source: ModelSource) -> None:
     """Load diffusers-format LoRA weights into the UNet (and text encoder) and set their weights."""
-    from diffusers import StableDiffusionPipeline
-
     from pie_cli.registry import lora_weight_file
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = as_pipeline(components)
     names = []
     for i, adapter in enumerate(adapters):
         weights = lora_weight_file(adapter.path)
@@ -179,6 +168,24 @@ def _apply_loras(components: Components, adapters: tuple[Adapter, ...], source: 
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[a.weight for a in adapters])
     logging.getLogger(__name__).debug("applied LoRA adapters %s", names)
+
+
+def as_pipeline(components: Components, pipeline_class=None):
+    """A diffusers Stable Diffusion pipeline sharing ``components`` (no safety checker)."""
+    if pipeline_class is None:
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    pipe = pipeline_class(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=components.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def select_scheduler(components: Components, name: str) -> Components:

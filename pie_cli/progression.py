@@ -37,39 +37,12 @@ from PIL import Image
 from pie_cli.errors import NumericalError
 from pie_cli.masks import prepare_mask
 from pie_cli.media import prepare_image
+from pie_cli.parameters import PieConfig, denoise_count
+
+__all__ = ["Components", "Frame", "PieConfig", "denoise_count", "progress"]
 
 # on_denoise(progression_step, denoise_index (1-based), denoise_total)
 DenoiseCallback = Callable[[int, int, int], None]
-
-
-@dataclass(frozen=True)
-class PieConfig:
-    """The parameters of one progression (defaults are the paper's)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 10  # N: progression steps (frames after frame 0)
-    strength: float = 0.5  # g: fraction of the schedule re-noised at each step
-    guidance_scale: float = 7.5  # w: classifier-free guidance
-    beta1: float = 0.01  # b1: blend weight outside the mask
-    beta2: float = 0.75  # b2: blend weight inside the mask
-    inference_steps: int = 50  # T: scheduler steps of a full schedule
-    resolution: int = 512  # R: frames are R x R
-
-    def check(self) -> None:
-        """Raise ``ValueError`` naming the first parameter out of range."""
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
-        if self.inference_steps < 1:
-            raise ValueError(f"inference_steps must be >= 1, got {self.inference_steps}")
-        if denoise_count(self.inference_steps, self.strength) < 1:
-            raise ValueError(
-                f"strength {self.strength} with {self.inference_steps} inference steps leaves no denoising step"
-            )
-        if self.resolution < 8 or self.resolution % 8:
-            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
 
 @dataclass
@@ -103,11 +76,6 @@ class Frame:
     index: int
     image: Image.Image
     seconds: float
-
-
-def denoise_count(inference_steps: int, strength: float) -> int:
-    """k = min(int(T * g), T): how many schedule entries a progression step re-runs."""
-    return min(int(inference_steps * strength), inference_steps)
 
 
 def fresh_scheduler(components: Components) -> Any:

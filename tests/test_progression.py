@@ -121,17 +121,13 @@ def test_no_mask_is_repeated_img2img(components, phantom, monkeypatch):
     zeros_randn(monkeypatch)
     image, _, _ = phantom
     frames = run(components, image, None, steps=3, inference_steps=20, strength=0.5, guidance_scale=7.5)
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=fresh_scheduler(components),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    from pie_cli.loading import as_pipeline
+
+    # diffusers' own img2img code, on the same weights with a fresh scheduler.
+    pipe = as_pipeline(
+        Components(**{**components.__dict__, "scheduler": fresh_scheduler(components)}),
+        StableDiffusionImg2ImgPipeline,
     )
-    pipe.set_progress_bar_config(disable=True)
     for n in range(1, len(frames)):
         out = pipe(
             PROMPT,
@@ -269,18 +265,9 @@ def test_other_schedulers(components, phantom, name):
 
 
 def test_accepts_a_diffusers_pipeline(components, phantom):
-    from diffusers import StableDiffusionPipeline
+    from pie_cli.loading import as_pipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = as_pipeline(components)
     image, _, left = phantom
     a = run(pipe, image, left, steps=1)
     b = run(components, image, left, steps=1)

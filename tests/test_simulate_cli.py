@@ -260,7 +260,7 @@ BAD_INPUTS = {
     ),
     "resolution": (
         lambda d, i: ["simulate", i["image"], "--prompt", "x", "--resolution", "100"],
-        "--resolution must be a multiple of 8",
+        "--resolution must be a positive multiple of 8, got 100.",
     ),
     "empty prompt": (lambda d, i: ["simulate", i["image"], "--prompt", "  "], "--prompt is empty"),
     "unknown model": (

@@ -27,6 +27,7 @@ from pie_cli.options import (
     SchedulerName,
     SeedOpt,
 )
+from pie_cli.parameters import PieConfig
 
 EXAMPLE_PROMPT = "large left pleural effusion"
 
@@ -54,6 +55,19 @@ class SimulateSpec:
     lora: tuple[str, ...]
     gif: bool
     overwrite: bool
+
+    def config(self) -> PieConfig:
+        return PieConfig(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            strength=self.strength,
+            guidance_scale=self.guidance_scale,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            inference_steps=self.inference_steps,
+            resolution=self.resolution,
+        )
 
     def parameters(self) -> dict[str, Any]:
         keep = [
@@ -180,28 +194,10 @@ def _default_out(image: Path) -> Path:
 
 def check_numbers(spec: SimulateSpec) -> None:
     """Every numeric/text option, before anything is read or loaded."""
-    from pie_cli.progression import denoise_count
-
     if not spec.prompt.strip():
         raise UserError(f"--prompt is empty; describe the finding to simulate, e.g. {EXAMPLE_PROMPT!r}.")
-    if spec.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {spec.steps}.")
-    if not 0.0 < spec.strength <= 1.0:
-        raise UserError(f"--strength must be in (0, 1], got {spec.strength:g}.")
-    if spec.inference_steps < 1:
-        raise UserError(f"--inference-steps must be at least 1, got {spec.inference_steps}.")
-    if denoise_count(spec.inference_steps, spec.strength) < 1:
-        raise UserError(
-            f"--strength {spec.strength:g} with --inference-steps {spec.inference_steps} leaves no denoising step "
-            f"(int({spec.inference_steps} * {spec.strength:g}) = 0); raise either."
-        )
-    if spec.guidance_scale < 0:
-        raise UserError(f"--guidance-scale must be >= 0, got {spec.guidance_scale:g}.")
-    for name, value in (("--beta1", spec.beta1), ("--beta2", spec.beta2)):
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"{name} must be in [0, 1], got {value:g}.")
-    if spec.resolution < 64 or spec.resolution % 8:
-        raise UserError(f"--resolution must be a multiple of 8 and at least 64, got {spec.resolution}.")
+    for name, problem in spec.config().problems():
+        raise UserError(f"--{name.replace('_', '-')} {problem}.")
     if not 0 <= spec.seed < 2**63:
         raise UserError(f"--seed must be in [0, 2^63), got {spec.seed}.")
 
@@ -243,7 +239,14 @@ def run(spec: SimulateSpec) -> Path:
 
     with ProgressDisplay(ui.progress) as display:
         components, placement = _load_model(spec, inputs, display)
-        return _run_progression(spec, inputs, components, placement, display)
+        seconds = _run_progression(spec, inputs, components, placement, display)
+    # After the live display has stopped, so the lines do not interleave with the bars.
+    what = spec.out / "progression.gif" if spec.gif else spec.out
+    info(
+        f"pie: {spec.steps} progression steps in {seconds:.1f} s ({seconds / spec.steps:.2f} s/step) -> {what}"
+    )
+    result(str(spec.out))
+    return spec.out
 
 
 def _load_model(spec: SimulateSpec, inputs: _Inputs, display: Any):
@@ -283,20 +286,10 @@ def _run_progression(
 ) -> Path:
     import torch
 
-    from pie_cli.progression import PieConfig, fresh_scheduler, progress, step_timesteps
-    from pie_cli.runs import GIF, RunWriter
+    from pie_cli.progression import fresh_scheduler, progress, step_timesteps
+    from pie_cli.runs import RunWriter
 
-    config = PieConfig(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        steps=spec.steps,
-        strength=spec.strength,
-        guidance_scale=spec.guidance_scale,
-        beta1=spec.beta1,
-        beta2=spec.beta2,
-        inference_steps=spec.inference_steps,
-        resolution=spec.resolution,
-    )
+    config = spec.config()
     probe = fresh_scheduler(components)
     timesteps = step_timesteps(probe, spec.inference_steps, spec.strength, torch.device("cpu")).tolist()
     manifest = _manifest(spec, inputs, placement, type(components.scheduler).__name__, timesteps)
@@ -331,11 +324,7 @@ def _run_progression(
         raise
     total = time.perf_counter() - started
     writer.finish("complete", total_seconds=round(total, 3))
-
-    what = spec.out / GIF if spec.gif else spec.out
-    info(f"pie: {spec.steps} progression steps in {total:.1f} s ({total / spec.steps:.2f} s/step) -> {what}")
-    result(str(spec.out))
-    return spec.out
+    return total
 
 
 def _sha256(path: Path) -> str:
