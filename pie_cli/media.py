@@ -7,7 +7,7 @@ that name the file.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -127,30 +127,3 @@ def save_png(img: Image.Image, path: Path) -> None:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def write_gif(
-    frames: Sequence[Image.Image],
-    path: Path,
-    *,
-    duration_ms: int = 500,
-    hold_last_ms: int = 1500,
-    loop: int = 0,
-) -> None:
-    """An animated GIF of ``frames`` (looping forever by default), the last frame held longer."""
-    if not frames:
-        raise ValueError("write_gif needs at least one frame")
-    rgb = [f.convert("RGB") for f in frames]
-    durations = [duration_ms] * len(rgb)
-    durations[-1] = max(duration_ms, hold_last_ms)
-    with atomic_path(path) as tmp:
-        rgb[0].save(
-            tmp,
-            format="GIF",
-            save_all=True,
-            append_images=rgb[1:],
-            duration=durations,
-            loop=loop,
-            optimize=False,
-            disposal=1,
-        )

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from pie_cli.errors import UserError
-from pie_cli.media import save_png, write_gif, write_text
+from pie_cli.media import save_png, write_text
 
 MANIFEST = "manifest.json"
 MASK = "mask.png"
@@ -82,7 +82,9 @@ class RunWriter:
         self._write_manifest()
 
     def write_gif(self, frames: list[Image.Image]) -> None:
-        write_gif(frames, self.path / GIF)
+        from pie_cli.export import ExportOptions, write
+
+        write(frames, self.path / GIF, ExportOptions())
         self.manifest["outputs"]["gif"] = GIF
 
     def finish(self, status: str, **extra: Any) -> None:

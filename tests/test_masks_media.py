@@ -9,7 +9,7 @@ from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.masks import latent_mask, mask_to_grey, prepare_mask, require_nonempty
-from pie_cli.media import atomic_path, fit_square, open_image, square_geometry, to_rgb8, write_gif
+from pie_cli.media import atomic_path, fit_square, open_image, square_geometry, to_rgb8
 
 
 @pytest.mark.parametrize(
@@ -93,17 +93,6 @@ def test_numpy_latent_mask_matches_torch_bilinear(factor):
         align_corners=False,
     )
     assert np.allclose(latent_mask(arr, factor), t[0, 0].numpy() / 255.0, atol=1e-6)
-
-
-def test_gif_durations_loop_and_hold(tmp_path):
-    frames = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(4)]
-    write_gif(frames, tmp_path / "a.gif", duration_ms=200, hold_last_ms=900)
-    gif = Image.open(tmp_path / "a.gif")
-    durations = []
-    for i in range(gif.n_frames):
-        gif.seek(i)
-        durations.append(gif.info["duration"])
-    assert gif.n_frames == 4 and durations == [200, 200, 200, 900] and gif.info["loop"] == 0
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
