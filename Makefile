@@ -28,7 +28,10 @@ demo: $(STAMP)
 	$(BIN)/python -m pie_cli.demo $(DEMO)
 	$(BIN)/pie simulate $(DEMO)/chest.png --mask $(DEMO)/left-lung.png --model $(DEMO)/tiny-sd \
 		--prompt "large left pleural effusion" --steps 10 --resolution 256 --out runs/demo --overwrite
-	@echo "GIF: runs/demo/progression.gif  (a randomly initialised model: this shows the machinery, not medicine)"
+	$(BIN)/pie export-gif runs/demo --out runs/demo/side-by-side.gif --side-by-side --diff --mask-outline \
+		--caption "step {i}/{n}" --overwrite
+	@echo "GIF: runs/demo/progression.gif and runs/demo/side-by-side.gif"
+	@echo "(a randomly initialised model: this shows the machinery, not medicine)"
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache *.egg-info
