@@ -9,6 +9,7 @@ import typer
 from pie_cli import __version__
 from pie_cli.boundary import guarded
 from pie_cli.commands.export_gif import export_gif
+from pie_cli.commands.finetune import finetune
 from pie_cli.commands.mask import mask_app
 from pie_cli.commands.models import models_app
 from pie_cli.commands.simulate import simulate
@@ -59,6 +60,7 @@ def root(
 app.command("simulate", no_args_is_help=True)(guarded(simulate))
 app.add_typer(mask_app, name="mask")
 app.command("export-gif", no_args_is_help=True)(guarded(export_gif))
+app.command("finetune", no_args_is_help=True)(guarded(finetune))
 app.add_typer(models_app, name="models")
 
 

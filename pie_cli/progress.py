@@ -58,6 +58,7 @@ class ProgressDisplay:
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
                 console=err(),
                 transient=False,
             )
@@ -81,34 +82,38 @@ class ProgressDisplay:
                 err().print(f"{description} ...", markup=False)
             yield
             return
-        task = self._progress.add_task(description, total=None)
+        task = self._progress.add_task(description, total=None, info="")
         try:
             yield
         finally:
             self._progress.remove_task(task)
 
-    def start(self, total: int, label: str = "progression") -> None:
+    def start(self, total: int, label: str = "progression", completed: int = 0) -> None:
         self._label = label
         self._total = total
         if self._progress is not None:
-            self._outer = self._progress.add_task(label, total=total)
+            self._outer = self._progress.add_task(label, total=total, completed=completed, info="")
 
     def inner(self, outer_index: int, done: int, total: int) -> None:
         """Denoising step ``done`` of ``total`` inside progression step ``outer_index``."""
         if self._progress is None:
             return
         if self._inner is None:
-            self._inner = self._progress.add_task("  denoise", total=total)
+            self._inner = self._progress.add_task("  denoise", total=total, info="")
         if done == 1:
             self._progress.reset(self._inner, total=total, description=f"  denoise {outer_index}")
         self._progress.update(self._inner, completed=done)
 
-    def advance(self, index: int, seconds: float) -> None:
-        """Outer item ``index`` (1-based) is finished."""
+    def advance(self, index: int, seconds: float, info: str = "", every: int = 1) -> None:
+        """Outer item ``index`` (1-based) is finished; ``info`` (e.g. loss, lr) is shown beside the bar.
+
+        In plain mode a line is printed every ``every`` items and for the last one.
+        """
         if self._progress is not None and self._outer is not None:
-            self._progress.update(self._outer, completed=index)
-        elif self.mode == "plain":
-            err().print(f"{self._label} {index}/{self._total} done in {seconds:.2f} s", markup=False)
+            self._progress.update(self._outer, completed=index, info=info)
+        elif self.mode == "plain" and (index % max(1, every) == 0 or index == self._total):
+            extra = f"  {info}" if info else ""
+            err().print(f"{self._label} {index}/{self._total} done in {seconds:.2f} s{extra}", markup=False)
 
 
 def _rate_column():

@@ -27,6 +27,19 @@ def hermetic_env(tmp_path_factory, monkeypatch):
 
     ui.debug, ui.quiet, ui.progress = False, False, "auto"
     yield
+    _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    """accelerate keeps one process-wide state (e.g. mixed precision); a CLI process trains once,
+    but the test process runs many trainings in a row."""
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ COMMANDS = [
     ["mask", "make"],
     ["mask", "info"],
     ["export-gif"],
+    ["finetune"],
     ["models"],
     ["models", "list"],
     ["models", "add"],
@@ -56,6 +57,7 @@ def test_python_dash_m_entry_point():
         ["mask", "--help"],
         ["mask", "info", "--help"],
         ["export-gif", "--help"],
+        ["finetune", "--help"],
     ],
 )
 def test_light_commands_do_not_import_torch(argv):

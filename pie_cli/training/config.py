@@ -1,0 +1,291 @@
+"""The training configuration: one frozen record, its YAML form, and precedence.
+
+Every ``pie finetune`` option is a field here with the same name (``--grad-accum`` is
+``grad_accum``). Values come, in order of precedence, from flags given on the command
+line, ``--config recipe.yaml``, the run's saved ``training_config.yaml`` when resuming,
+and the defaults below. Torch-free: checked before any heavy import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pie_cli.errors import UserError
+
+DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "hf", "chexpert", "ham10000", "eyepacs")
+METHODS = ("lora", "full")
+LR_SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
+PRECISIONS = ("no", "fp16", "bf16")
+VIEWS = ("frontal", "lateral", "all")
+UNCERTAIN = ("negative", "positive")
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    # data
+    data: str | None = None
+    data_format: str = "auto"
+    image_column: str | None = None
+    caption_column: str | None = None
+    prompt_template: str = "{instance}, {labels}"
+    instance_prompt: str | None = None  # default per data format
+    view: str = "frontal"  # CheXpert
+    uncertain: str = "negative"  # CheXpert -1 labels
+    split: str = "train"  # Hugging Face datasets
+    max_samples: int | None = None
+    # model and method
+    model: str = "sd-v1-5"
+    out: str | None = None
+    method: str = "lora"
+    rank: int = 8
+    alpha: float | None = None  # default: = rank
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = UNET_LORA_TARGETS
+    train_text_encoder: bool = False
+    class_data: str | None = None
+    class_prompt: str | None = None
+    prior_loss_weight: float = 1.0
+    # optimisation
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float | None = None  # default: 1e-4 for LoRA, 5e-5 for full
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    epochs: int | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    cache_latents: bool = False
+    max_grad_norm: float = 1.0
+    num_workers: int = 2
+    seed: int = 42
+    # checkpoints and validation
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validation_prompt: tuple[str, ...] = ()
+    validation_every: int | None = None
+    validation_image: str | None = None
+    validation_mask: str | None = None
+    # not options: how each value was set (flag, config file, saved run, default)
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.method == "lora" else 5e-5)
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("sources")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    # ------------------------------------------------------------------ checks
+    def check(self) -> None:
+        """One ``UserError`` naming the first option out of range or in conflict."""
+        choices = {
+            "data_format": DATA_FORMATS,
+            "method": METHODS,
+            "lr_scheduler": LR_SCHEDULERS,
+            "mixed_precision": PRECISIONS,
+            "view": VIEWS,
+            "uncertain": UNCERTAIN,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
+                )
+        if not self.data:
+            raise UserError(
+                "--data is required: an image folder, a CSV/JSONL file, a dataset or a dataset root."
+            )
+        if not self.out:
+            raise UserError("--out is required: the directory for the weights, checkpoints and samples.")
+        positive = ("rank", "batch_size", "grad_accum", "resolution", "checkpoint_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_steps", "epochs", "validation_every", "max_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {value}.")
+        for name in ("warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}.")
+        if self.resolution % 8:
+            raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}.")
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr:g}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout:g}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserError(f"--alpha must be positive, got {self.alpha:g}.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"--snr-gamma must be positive, got {self.snr_gamma:g}.")
+        if self.noise_offset < 0:
+            raise UserError(f"--noise-offset must be >= 0, got {self.noise_offset:g}.")
+        if self.max_steps is not None and self.epochs is not None:
+            raise UserError("give --max-steps or --epochs, not both.")
+        if self.cache_latents and (self.random_flip or not self.center_crop):
+            raise UserError(
+                "--cache-latents encodes each image once, so it needs --center-crop and no --random-flip."
+            )
+        if bool(self.class_data) != bool(self.class_prompt):
+            raise UserError("prior preservation needs both --class-data and --class-prompt.")
+        if bool(self.validation_image) != bool(self.validation_mask):
+            raise UserError("--validation-image and --validation-mask go together.")
+        if self.validation_every is not None and not (self.validation_prompt or self.validation_image):
+            raise UserError("--validation-every needs --validation-prompt or --validation-image.")
+        if not self.target_modules:
+            raise UserError("--target-modules is empty.")
+
+    @property
+    def total_steps_known(self) -> bool:
+        return self.max_steps is not None or self.epochs is not None
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+OPTION_NAMES = tuple(f.name for f in fields(TrainSpec) if f.name != "sources")
+# Names used by the diffusers training scripts, for "did you mean" in recipe errors.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_train_steps": "max_steps",
+    "num_train_epochs": "epochs",
+    "lr_warmup_steps": "warmup_steps",
+    "pretrained_model_name_or_path": "model",
+    "output_dir": "out",
+    "train_data_dir": "data",
+    "dataset_name": "data",
+    "checkpointing_steps": "checkpoint_every",
+    "checkpoints_total_limit": "keep_checkpoints",
+    "instance_data_dir": "data",
+    "class_data_dir": "class_data",
+    "validation_steps": "validation_every",
+    "network_dim": "rank",
+    "network_alpha": "alpha",
+    "lora_alpha": "alpha",
+    "lora_rank": "rank",
+}
+
+
+def _field_type(name: str) -> Any:
+    hints = typing.get_type_hints(TrainSpec)
+    return hints[name]
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """A YAML value -> the field's type, or a ``UserError`` naming the key and the file."""
+    hint = _field_type(name)
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: {name} cannot be empty.")
+    base = (
+        next((a for a in args if a is not type(None)), hint)
+        if args and typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else hint
+    )
+    origin = typing.get_origin(base)
+    try:
+        if origin is tuple:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(str(v) for v in items)
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    kind = getattr(base, "__name__", str(base))
+    raise UserError(f"{where}: {name} must be {kind}, got {value!r}.")
+
+
+def read_yaml(path: Path, what: str = "--config") -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must be a mapping of option names to values.")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTION_NAMES:
+            close = (
+                [SYNONYMS[name]] if name in SYNONYMS else difflib.get_close_matches(name, OPTION_NAMES, n=1)
+            )
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{what} {path}: unknown key {key!r}{hint}.")
+        out[name] = coerce(name, value, f"{what} {path}")
+    return out
+
+
+def merge(
+    flags: dict[str, Any],
+    explicit: set[str],
+    recipe: dict[str, Any] | None = None,
+    saved: dict[str, Any] | None = None,
+) -> TrainSpec:
+    """Flags given on the command line > recipe file > saved run config > defaults."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer, source in ((saved or {}, "saved run"), (recipe or {}, "config file")):
+        for key, value in layer.items():
+            values[key] = value
+            sources[key] = source
+    for key in explicit:
+        values[key] = flags[key]
+        sources[key] = "command line"
+    spec = replace(TrainSpec(), **values)
+    return replace(spec, sources={name: sources.get(name, "default") for name in OPTION_NAMES})
+
+
+def write_yaml(spec: TrainSpec, path: Path) -> None:
+    import yaml
+
+    from pie_cli.media import write_text
+
+    header = (
+        "# Effective pie finetune configuration (flags > --config file > defaults). Reusable with --config.\n"
+    )
+    write_text(path, header + yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False, allow_unicode=True))

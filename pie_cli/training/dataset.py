@@ -1,0 +1,132 @@
+"""Records -> training batches: deterministic augmentation, tokenisation, epoch-seeded order.
+
+Every random choice (crop offset, flip) is drawn from a generator seeded by
+(seed, epoch, example), and the order of an epoch from one seeded by (seed, epoch), so a
+resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pie_cli.media import square_geometry, to_rgb8
+from pie_cli.training.data import Record, TrainingData
+
+
+def crop_and_flip(
+    img: Image.Image, resolution: int, center: bool, flip: bool, rng: np.random.Generator
+) -> Image.Image:
+    """Short side resized to ``resolution``, then a centre or random square crop, then maybe a mirror."""
+    (rw, rh), (left, top, _, _) = square_geometry(img.size, resolution)
+    if img.size != (rw, rh):
+        img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+    if not center:
+        left = int(rng.integers(0, rw - resolution + 1))
+        top = int(rng.integers(0, rh - resolution + 1))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1) * 2.0 - 1.0
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(pixel_values, input_ids) for each record; set ``epoch`` before iterating an epoch."""
+
+    def __init__(
+        self,
+        data: TrainingData,
+        records: list[Record],
+        tokenizer,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        seed: int,
+    ) -> None:
+        self.data = data
+        self.records = records
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        self.with_pixels = True  # False when latents are cached: no image is decoded per step
+        ids = tokenizer(
+            [r.prompt for r in records],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        self.input_ids = ids
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        img = to_rgb8(self.data.open(self.records[index]))
+        return to_pixels(crop_and_flip(img, self.resolution, self.center_crop, self.random_flip, rng))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"input_ids": self.input_ids[index], "index": torch.tensor(index)}
+        if self.with_pixels:
+            item["pixel_values"] = self.image(index)
+        return item
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A permutation per epoch from a generator seeded by (seed, epoch)."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+class PairedBatches(torch.utils.data.Dataset):
+    """Instance examples each paired with a class example (prior preservation)."""
+
+    def __init__(self, instance: PairDataset, prior: PairDataset) -> None:
+        self.instance = instance
+        self.prior = prior
+
+    @property
+    def epoch(self) -> int:
+        return self.instance.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.instance.epoch = value
+        self.prior.epoch = value
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.instance[index]
+        other = self.prior[index % len(self.prior)]
+        item["prior_input_ids"] = other["input_ids"]
+        if "pixel_values" in other:
+            item["prior_pixel_values"] = other["pixel_values"]
+        return item

@@ -1,0 +1,622 @@
+"""`pie finetune` on the tiny model and tiny datasets written here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (240, 240, 240)}
+FAST = ["--resolution", "32", "--batch-size", "2", "--num-workers", "0", "--checkpoint-every", "1000"]
+
+
+def colour_folder(root: Path, n: int = 8, size: int = 32, fmt: str = "jsonl") -> Path:
+    """An image folder: solid colours, one prompt per colour (a task a model can learn)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = list(COLOURS)[i % len(COLOURS)]
+        Image.new("RGB", (size, size), COLOURS[name]).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a {name} square"})
+    if fmt == "jsonl":
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with open(root / "metadata.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["file_name", "text"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return colour_folder(tmp_path / "data")
+
+
+def finetune(cli, data, model, out, *extra):
+    return cli("finetune", "--data", data, "--model", model, "--out", out, *FAST, *extra)
+
+
+def losses(out: Path) -> list[float]:
+    with open(out / "metrics.csv") as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh)]
+
+
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 4, 4, generator=g)
+    e = torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), e).sample
+
+
+def test_lora_writes_diffusers_weights_that_a_plain_pipeline_loads(cli, data, tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    out = tmp_path / "lora"
+    result = finetune(
+        cli,
+        data,
+        tiny_model,
+        out,
+        "--max-steps",
+        "3",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--lora-dropout",
+        "0.1",
+        "--checkpoint-every",
+        "3",
+        "--lr",
+        "1e-2",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out / "pytorch_lora_weights.safetensors")
+    assert {p.name for p in out.iterdir()} >= {
+        "pytorch_lora_weights.safetensors",
+        "training_config.yaml",
+        "metrics.csv",
+        "checkpoints",
+        "training_summary.json",
+    }
+    assert len(losses(out)) == 3
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert weights and all(k.startswith("unet.") and ".lora." in k for k in weights)  # diffusers key format
+    assert json.loads((out / "training_summary.json").read_text())["status"] == "complete"
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    base = unet_output(pipe.unet)
+    pipe.load_lora_weights(out)
+    pipe.unet.eval()  # injected LoRA dropout starts in training mode
+    with_lora = unet_output(pipe.unet)
+    assert (with_lora - base).abs().max() > 1e-4
+    # ...and it is exactly the trained adapter (rank 4, alpha 8 travel in the file's metadata).
+    trained = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    set_peft_model_state_dict(
+        trained, load_file(out / "checkpoints" / "step_000003" / "unet_lora.safetensors")
+    )
+    trained.eval()
+    assert torch.equal(unet_output(trained), with_lora)
+
+
+def test_lora_output_is_used_by_simulate_and_the_registry(cli, data, tiny_model, tmp_path):
+    out = tmp_path / "lora"
+    assert finetune(cli, data, tiny_model, out, "--max-steps", "2", "--lr", "1e-2").exit_code == 0
+    result = cli("models", "add", "colours", out)  # base model read from training_config.yaml
+    assert result.exit_code == 0, result.output
+    for name, model in (("alias", "colours"), ("flag", str(tiny_model))):
+        extra = [] if name == "alias" else ["--lora", str(out)]
+        result = cli(
+            "simulate",
+            data / "0.png",
+            "--prompt",
+            "a red square",
+            "--model",
+            model,
+            *extra,
+            "--out",
+            tmp_path / name,
+            "--steps",
+            "1",
+            "--inference-steps",
+            "4",
+            "--resolution",
+            "32",
+            "--device",
+            "cpu",
+        )
+        assert result.exit_code == 0, result.output
+    a = np.asarray(Image.open(tmp_path / "alias" / "frame_001.png"))
+    b = np.asarray(Image.open(tmp_path / "flag" / "frame_001.png"))
+    assert np.array_equal(a, b)
+
+
+def test_full_training_writes_a_unet_and_a_complete_model(cli, data, tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "full"
+    result = finetune(
+        cli,
+        data,
+        tiny_model,
+        out,
+        "--method",
+        "full",
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--train-text-encoder",
+    )
+    assert result.exit_code == 0, result.output
+    base = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    tuned = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert (unet_output(tuned) - unet_output(base)).abs().max() > 1e-4
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    result = cli(
+        "simulate",
+        data / "0.png",
+        "--prompt",
+        "a red square",
+        "--model",
+        out,
+        "--out",
+        tmp_path / "sim",
+        "--steps",
+        "1",
+        "--inference-steps",
+        "4",
+        "--resolution",
+        "32",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    result = cli(
+        "simulate",
+        data / "0.png",
+        "--prompt",
+        "x",
+        "--model",
+        tiny_model,
+        "--unet",
+        out,
+        "--out",
+        tmp_path / "sim2",
+        "--steps",
+        "1",
+        "--inference-steps",
+        "4",
+        "--resolution",
+        "32",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(("method", "lr", "ratio"), [("full", "1e-3", 0.6), ("lora", "1e-2", 0.95)])
+def test_loss_goes_down_on_a_learnable_task(cli, tmp_path, tiny_model, method, lr, ratio):
+    data = colour_folder(tmp_path / "colours", n=16)
+    out = tmp_path / method
+    result = finetune(
+        cli, data, tiny_model, out, "--method", method, "--lr", lr, "--max-steps", "60", "--batch-size", "4"
+    )
+    assert result.exit_code == 0, result.output
+    curve = losses(out)
+    assert len(curve) == 60
+    first, last = np.mean(curve[:15]), np.mean(curve[-15:])
+    assert last < ratio * first, (first, last)
+
+
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(cli, data, tiny_model, tmp_path, monkeypatch):
+    common = [
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--lr-scheduler",
+        "cosine",
+        "--lr",
+        "1e-2",
+        "--lora-dropout",
+        "0.1",
+        "--rank",
+        "4",
+        "--train-text-encoder",
+    ]
+    assert finetune(cli, data, tiny_model, tmp_path / "straight", *common).exit_code == 0
+
+    from pie_cli.training import loop
+
+    real_checkpoint = loop.Trainer.checkpoint
+
+    def checkpoint_then_interrupt(self, step):
+        path = real_checkpoint(self, step)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop.Trainer, "checkpoint", checkpoint_then_interrupt)
+    result = finetune(cli, data, tiny_model, tmp_path / "resumed", *common)
+    assert result.exit_code == 130
+    summary = json.loads((tmp_path / "resumed" / "training_summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] == 2
+    monkeypatch.setattr(loop.Trainer, "checkpoint", real_checkpoint)
+
+    result = cli(
+        "finetune", "--out", tmp_path / "resumed", "--resume", "latest"
+    )  # everything else from the run
+    assert result.exit_code == 0, result.output
+    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+    from diffusers import StableDiffusionPipeline  # the text-encoder adapter reaches a plain pipeline too
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    ids = pipe.tokenizer(["a red square"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(tmp_path / "straight")
+        pipe.text_encoder.eval()
+        assert (pipe.text_encoder(ids)[0] - before).abs().max() > 1e-4
+
+
+def test_cache_latents_gives_the_same_loss_trajectory(cli, data, tiny_model, tmp_path):
+    assert finetune(cli, data, tiny_model, tmp_path / "plain", "--max-steps", "5").exit_code == 0
+    assert (
+        finetune(cli, data, tiny_model, tmp_path / "cached", "--max-steps", "5", "--cache-latents").exit_code
+        == 0
+    )
+    assert np.allclose(losses(tmp_path / "plain"), losses(tmp_path / "cached"), atol=1e-4)
+    result = finetune(cli, data, tiny_model, tmp_path / "bad", "--cache-latents", "--random-flip")
+    assert result.exit_code == 2 and "--cache-latents encodes each image once" in result.stderr
+
+
+def test_options_that_change_the_loss_all_run(cli, data, tiny_model, tmp_path):
+    classes = tmp_path / "class"
+    classes.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 32), (120, 120, 120)).save(classes / f"c{i}.png")
+    result = finetune(
+        cli,
+        data,
+        tiny_model,
+        tmp_path / "o",
+        "--method",
+        "full",
+        "--max-steps",
+        "2",
+        "--class-data",
+        classes,
+        "--class-prompt",
+        "a grey square",
+        "--snr-gamma",
+        "5",
+        "--noise-offset",
+        "0.05",
+        "--gradient-checkpointing",
+        "--grad-accum",
+        "2",
+        "--random-crop",
+        "--random-flip",
+        "--mixed-precision",
+        "bf16",
+    )
+    assert result.exit_code == 0, result.output
+    assert len(losses(tmp_path / "o")) == 2
+
+
+def test_validation_samples_and_progress(cli, data, tiny_model, tmp_path):
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    result = cli(
+        "--progress",
+        "plain",
+        "finetune",
+        "--data",
+        data,
+        "--model",
+        tiny_model,
+        "--out",
+        tmp_path / "v",
+        *FAST,
+        "--max-steps",
+        "2",
+        "--validation-prompt",
+        "a red square",
+        "--validation-every",
+        "2",
+        "--validation-image",
+        data / "0.png",
+        "--validation-mask",
+        tmp_path / "mask.png",
+    )
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "v" / "samples").iterdir()} == {
+        "step_000002_prompt0.png",
+        "step_000002_pie.png",
+    }
+    assert Image.open(tmp_path / "v" / "samples" / "step_000002_pie.png").size == (4 * 32, 32)
+    assert "finetune 2/2 done in" in result.stderr and "loss " in result.stderr and "lr " in result.stderr
+
+
+def test_config_file_and_flag_precedence(cli, data, tiny_model, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {tiny_model}\nrank: 4\nbatch-size: 3\nlr: 0.002\nmax_steps: 2\n"
+        "validation_prompt: [a red square]\n"
+    )
+    out = tmp_path / "run"
+    result = cli(
+        "finetune",
+        "--config",
+        recipe,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--rank",
+        "2",
+        "--resolution",
+        "32",
+        "--num-workers",
+        "0",
+    )
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    effective = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert (effective["rank"], effective["batch_size"], effective["lr"], effective["max_steps"]) == (
+        2,
+        3,
+        0.002,
+        2,
+    )
+    assert effective["validation_prompt"] == ["a red square"]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["sources"]["rank"] == "command line" and summary["sources"]["batch_size"] == "config file"
+    assert summary["sources"]["seed"] == "default"
+    first = next(iter(load_file(out / "pytorch_lora_weights.safetensors").values()))
+    assert 2 in first.shape  # rank 2 from the flag, not 4 from the file
+
+
+def test_dry_run_prints_prompts_and_writes_nothing(cli, data, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    result = cli(
+        "finetune",
+        "--data",
+        data,
+        "--model",
+        tiny_model,
+        "--out",
+        out,
+        "--dry-run",
+        "--instance-prompt",
+        "A photo",
+        "--max-samples",
+        "5",
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("5 examples (folder:")
+    assert lines[1] == "  metadata.jsonl row 1: A photo, a red square"
+    assert not out.exists()
+
+
+BAD = {
+    "missing data": (lambda d, t: ["--data", t / "nope"], "--data {t}/nope does not exist."),
+    "no caption column": (
+        lambda d, t: ["--data", _table(t, "a.csv", "file_name,notes\n0.png,x\n")],
+        "has no caption column (looked for text, caption",
+    ),
+    "unreadable image": (
+        lambda d, t: ["--data", _table(t, "b.csv", "file_name,text\n0.png,ok\nbad.png,x\n")],
+        "image {t}/tables/bad.png (b.csv row 3) cannot be read: not an image pie can read.",
+    ),
+    "escaping file_name": (
+        lambda d, t: ["--data", _table(t, "c.csv", "file_name,text\n../../etc/passwd,x\n")],
+        "c.csv row 2: '../../etc/passwd' escapes the data folder",
+    ),
+    "rank 0": (lambda d, t: ["--data", d, "--rank", "0"], "--rank must be at least 1, got 0."),
+    "unknown recipe key": (
+        lambda d, t: ["--data", d, "--config", _recipe(t, "learning_rate: 1e-4\n")],
+        "unknown key 'learning_rate' (did you mean 'lr'?)",
+    ),
+    "bad recipe type": (
+        lambda d, t: ["--data", d, "--config", _recipe(t, "rank: eight\n")],
+        "rank must be int, got 'eight'.",
+    ),
+    "unknown model": (lambda d, t: ["--data", d, "--model", "nope-model"], "unknown model 'nope-model'"),
+    "bad method": (lambda d, t: ["--data", d, "--method", "dora"], "--method must be one of lora, full"),
+    "fp16 on cpu": (
+        lambda d, t: ["--data", d, "--mixed-precision", "fp16"],
+        "--mixed-precision fp16 needs a GPU",
+    ),
+}
+
+
+def _table(tmp: Path, name: str, text: str) -> Path:
+    folder = tmp / "tables"
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.png")
+    (folder / "bad.png").write_text("not an image")
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def _recipe(tmp: Path, text: str) -> Path:
+    (tmp / "r.yaml").write_text(text)
+    return tmp / "r.yaml"
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_exits_2_and_writes_nothing(cli, data, tiny_model, tmp_path, case):
+    if case == "fp16 on cpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    build, expected = BAD[case]
+    args = [str(a) for a in build(data, tmp_path)]
+    if "--model" not in args:
+        args += ["--model", str(tiny_model)]
+    out = tmp_path / "out"
+    result = cli(
+        "finetune", *args, "--out", out, "--resolution", "32", "--max-steps", "1", "--num-workers", "0"
+    )
+    assert result.exit_code == 2, result.output
+    assert expected.format(t=tmp_path) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("Error: ")
+    assert "Traceback" not in result.output
+    if (
+        case != "fp16 on cpu"
+    ):  # found once accelerate has the device: the folder exists, but stays empty of weights
+        assert not out.exists()
+    else:
+        assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_non_empty_out_needs_resume_or_overwrite(cli, data, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = finetune(cli, data, tiny_model, out, "--max-steps", "1")
+    assert (
+        result.exit_code == 2
+        and "continue it with --resume latest, start over with --overwrite" in result.stderr
+    )
+    result = finetune(cli, data, tiny_model, out, "--max-steps", "1", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine"
+    result = cli("finetune", "--out", tmp_path / "empty", "--resume", "latest")
+    assert result.exit_code == 2
+
+
+# --------------------------------------------------------------------------- data formats
+
+
+def _spec(**kwargs):
+    from pie_cli.training.config import TrainSpec
+
+    return TrainSpec(**kwargs)
+
+
+def test_folder_csv_and_tables(tmp_path):
+    from pie_cli.training.data import load_data
+
+    folder = colour_folder(tmp_path / "csvfolder", n=4, fmt="csv")
+    data = load_data(_spec(data=str(folder)))
+    assert data.format == "folder" and [r.prompt for r in data.records][:2] == [
+        "a red square",
+        "a blue square",
+    ]
+    table = tmp_path / "pairs.jsonl"
+    shutil.copy(folder / "0.png", tmp_path / "x.png")
+    table.write_text(json.dumps({"img": "x.png", "report": "small effusion", "side": "left"}) + "\n")
+    data = load_data(
+        _spec(
+            data=str(table),
+            image_column="img",
+            prompt_template="{instance}, {side} {report}",
+            instance_prompt="A chest X-ray",
+        )
+    )
+    assert data.format == "jsonl" and data.records[0].prompt == "A chest X-ray, left small effusion"
+    assert data.records[0].image == tmp_path / "x.png"
+
+
+def test_chexpert_labels_uncertainty_and_views(tmp_path):
+    from pie_cli.training.data import load_data
+
+    root = tmp_path / "CheXpert-v1.0-small"
+    header = (
+        "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Cardiomegaly,Edema,Pleural Effusion,Support Devices\n"
+    )
+    rows = [
+        "CheXpert-v1.0-small/train/p1/s1/view1_frontal.jpg,F,60,Frontal,AP,,1.0,-1.0,1.0,0.0\n",
+        "CheXpert-v1.0-small/train/p1/s1/view2_lateral.jpg,F,60,Lateral,,,1.0,,,\n",
+        "CheXpert-v1.0-small/train/p2/s1/view1_frontal.jpg,M,40,Frontal,PA,1.0,,,,\n",
+    ]
+    root.mkdir()
+    (root / "train.csv").write_text(header + "".join(rows))
+    for rel in ("p1/s1/view1_frontal.jpg", "p1/s1/view2_lateral.jpg", "p2/s1/view1_frontal.jpg"):
+        (root / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (16, 16)).save(root / "train" / rel)
+    data = load_data(_spec(data=str(root)))
+    assert data.format == "chexpert" and data.skipped == 1
+    assert [r.prompt for r in data.records] == [
+        "A chest X-ray image, Cardiomegaly, Pleural Effusion",
+        "A chest X-ray image, No Finding",
+    ]
+    assert data.records[0].image == root / "train/p1/s1/view1_frontal.jpg"
+    data = load_data(_spec(data=str(root / "train.csv"), uncertain="positive", view="all"))
+    assert data.records[0].prompt == "A chest X-ray image, Cardiomegaly, Edema, Pleural Effusion"
+    assert len(data.records) == 3 and data.records[1].prompt == "A chest X-ray image, Cardiomegaly"
+    lateral = load_data(_spec(data=str(root), view="lateral", prompt_template="{labels} ({Sex}, {Age})"))
+    assert [r.prompt for r in lateral.records] == ["Cardiomegaly (F, 60)"]
+
+
+def test_ham10000_and_eyepacs(tmp_path):
+    from pie_cli.training.data import load_data
+
+    ham = tmp_path / "ham"
+    (ham / "HAM10000_images_part_2").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(ham / "HAM10000_images_part_2" / "ISIC_0024306.jpg")
+    (ham / "HAM10000_metadata.csv").write_text(
+        "lesion_id,image_id,dx,dx_type,age,sex,localization\nHAM_0000118,ISIC_0024306,mel,histo,80.0,male,scalp\n"
+    )
+    data = load_data(_spec(data=str(ham)))
+    assert data.format == "ham10000"
+    assert data.records[0].prompt == "A dermoscopic image of a skin lesion, melanoma"
+
+    dr = tmp_path / "dr"
+    (dr / "train").mkdir(parents=True)
+    for name in ("10_left", "10_right"):
+        Image.new("RGB", (8, 8)).save(dr / "train" / f"{name}.jpeg")
+    (dr / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,4\n")
+    data = load_data(_spec(data=str(dr)))
+    assert data.format == "eyepacs"
+    assert [r.prompt for r in data.records] == [
+        "A fundus photograph, no apparent diabetic retinopathy",
+        "A fundus photograph, proliferative diabetic retinopathy",
+    ]
+
+
+def test_saved_hugging_face_dataset(tmp_path):
+    import datasets
+
+    from pie_cli.training.data import load_data
+
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (8, 8), (255, 0, 0))] * 2, "report": ["left effusion", "normal"]},
+        features=datasets.Features({"image": datasets.Image(), "report": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    data = load_data(_spec(data=str(tmp_path / "saved")))
+    assert data.format == "hf" and [r.prompt for r in data.records] == ["left effusion", "normal"]
+    assert data.open(data.records[0]).size == (8, 8)
+
+
+def test_merge_precedence_unit():
+    from pie_cli.training.config import merge
+
+    spec = merge(
+        {"rank": 2, "seed": 7},
+        {"rank"},
+        recipe={"rank": 4, "batch_size": 3},
+        saved={"batch_size": 9, "lr": 0.1},
+    )
+    assert (spec.rank, spec.batch_size, spec.lr, spec.seed) == (2, 3, 0.1, 42)
+    assert spec.sources["rank"] == "command line" and spec.sources["lr"] == "saved run"
