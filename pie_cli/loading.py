@@ -132,6 +132,9 @@ def _load(source: ModelSource, placement: Placement, unet_path: Path | None, ada
     components = Components(unet_model, vae, text_encoder, tokenizer, scheduler)
     if adapters:
         _apply_loras(components, adapters, source)
+        # Injected LoRA layers are created in training mode; their dropout must be off at inference.
+        components.unet.eval()
+        components.text_encoder.eval()
     return components
 
 

@@ -2,9 +2,11 @@
 
 A reference is, in this order of precedence:
 
-1. a path to a local directory in diffusers layout;
-2. a user alias (``pie models add NAME TARGET``), stored in ``$PIE_HOME/models.json``;
-3. a built-in alias (``sd-v1-4``, ``sd-v1-5``, ``mimic-cxr``);
+1. a user alias (``pie models add NAME TARGET``), stored in ``$PIE_HOME/models.json``;
+2. a built-in alias (``sd-v1-4``, ``sd-v1-5``, ``mimic-cxr``);
+   (a bare name is an alias even if a folder of that name is in the working directory;
+   write ``./name`` for the folder)
+3. a path to a local directory in diffusers layout;
 4. a Hugging Face repo id (``org/name`` or ``org/name@revision``), taken from the local
    HF cache only. Nothing here touches the network; ``pie models pull`` downloads.
 
@@ -213,6 +215,15 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
         raise UserError(
             "--model is empty; give a model directory, an alias (see `pie models list`) or a repo id."
         )
+    users = load_user_models()
+    explicit_path = "/" in reference or "\\" in reference or reference.startswith((".", "~"))
+    if not explicit_path and reference in users:  # an alias wins over a same-named folder in the cwd
+        if reference in _seen:
+            raise UserError(f"model alias {reference} refers to itself through {' -> '.join(_seen)}.")
+        return _resolve_user(reference, users[reference], _seen + (reference,))
+    if not explicit_path and reference in BUILTIN_ALIASES:
+        source = _resolve_repo(BUILTIN_ALIASES[reference], None, reference)
+        return ModelSource(**{**source.__dict__, "reference": reference, "alias": reference})
     path = Path(reference).expanduser()
     if path.exists():
         if path.is_file():
@@ -224,15 +235,6 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
         return ModelSource(reference, path.resolve(), "directory")
     if looks_like_path(reference):
         raise UserError(f"model directory {reference} does not exist.")
-
-    users = load_user_models()
-    if reference in users:
-        if reference in _seen:
-            raise UserError(f"model alias {reference} refers to itself through {' -> '.join(_seen)}.")
-        return _resolve_user(reference, users[reference], _seen + (reference,))
-    if reference in BUILTIN_ALIASES:
-        source = _resolve_repo(BUILTIN_ALIASES[reference], None, reference)
-        return ModelSource(**{**source.__dict__, "reference": reference, "alias": reference})
     match = REPO_ID.match(reference)
     if match:
         return _resolve_repo(match["repo"], match["rev"], reference)

@@ -127,6 +127,10 @@ def add(
     stored = str(path.resolve()) if path.exists() else target
     if kind in {"lora", "unet"}:
         if not base:
+            base = _trained_on(path)
+            if base:
+                info(f"base model {base} (from {path / 'training_config.yaml'})")
+        if not base:
             raise UserError(f"{target} is a {kind}; say which model it applies to with --base MODEL.")
         resolve(base)
     else:
@@ -145,6 +149,19 @@ def add(
     models[name] = UserModel(target=stored, kind=kind, base=base, weight=weight)
     save_user_models(models)
     info(f"added {name} -> {stored} ({kind}{', on ' + base if base else ''})")
+
+
+def _trained_on(path: Path) -> str | None:
+    """The base model a `pie finetune` output was trained from (its training_config.yaml), if any."""
+    cfg = path / "training_config.yaml" if path.is_dir() else path.parent / "training_config.yaml"
+    if not cfg.is_file():
+        return None
+    from pie_cli.training.config import read_yaml
+
+    try:
+        return read_yaml(cfg, "training config").get("model")
+    except UserError:
+        return None
 
 
 @models_app.command("remove")
