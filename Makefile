@@ -7,7 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := .cache/demo
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo finetune simulate bench clean
+
+# make finetune RECIPE=recipes/chexpert-lora.yaml DATA=/data/CheXpert-v1.0  (re-run to resume)
+# make simulate RECIPE=recipes/chexpert-lora.yaml IMAGE=cxr.png MASK=lung.png PROMPT="large left pleural effusion"
+RECIPE ?= recipes/chexpert-lora.yaml
+NAME   := $(basename $(notdir $(RECIPE)))
+FT_OUT ?= runs/finetune/$(NAME)
 
 install: $(STAMP)
 
@@ -32,6 +38,20 @@ demo: $(STAMP)
 		--caption "step {i}/{n}" --overwrite
 	@echo "GIF: runs/demo/progression.gif and runs/demo/side-by-side.gif"
 	@echo "(a randomly initialised model: this shows the machinery, not medicine)"
+
+finetune: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make finetune RECIPE=recipes/<name>.yaml DATA=/path/to/dataset [FT_OUT=dir]"; exit 2; }
+	$(BIN)/pie finetune --config $(RECIPE) --data "$(DATA)" --out $(FT_OUT) $(if $(wildcard $(FT_OUT)/checkpoints/step_*),--resume latest,)
+	$(BIN)/pie models add $(NAME) $(FT_OUT) --force
+	@echo "registered as model '$(NAME)': pie simulate IMAGE --model $(NAME) ..."
+
+simulate: $(STAMP)
+	@test -n "$(IMAGE)" -a -n "$(PROMPT)" || { echo 'usage: make simulate RECIPE=recipes/<name>.yaml IMAGE=img.png [MASK=mask.png] PROMPT="..."'; exit 2; }
+	$(BIN)/pie simulate "$(IMAGE)" $(if $(MASK),--mask "$(MASK)",) --prompt "$(PROMPT)" --model $(NAME) \
+		--out runs/simulate/$(NAME)-$(basename $(notdir $(IMAGE))) --overwrite
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_finetune.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache *.egg-info

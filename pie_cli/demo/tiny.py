@@ -34,8 +34,11 @@ SD1_SCHEDULER = {
 
 def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     """Write a tiny SD-shaped model into ``directory`` (created) and return its path."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    transformers.utils.logging.disable_progress_bar()
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
