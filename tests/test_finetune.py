@@ -620,3 +620,33 @@ def test_merge_precedence_unit():
     )
     assert (spec.rank, spec.batch_size, spec.lr, spec.seed) == (2, 3, 0.1, 42)
     assert spec.sources["rank"] == "command line" and spec.sources["lr"] == "saved run"
+
+
+def test_keep_checkpoints_and_resume_from_a_path(cli, data, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        finetune(
+            cli,
+            data,
+            tiny_model,
+            out,
+            "--max-steps",
+            "3",
+            "--checkpoint-every",
+            "1",
+            "--keep-checkpoints",
+            "2",
+        ).exit_code
+        == 0
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    result = cli("finetune", "--resume", out / "checkpoints" / "step_000002", "--max-steps", "5")
+    assert result.exit_code == 0, result.output  # the run directory is the checkpoint's grandparent
+    assert [int(row) for row in np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=0)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert json.loads((out / "training_summary.json").read_text())["resumed_from"].endswith("step_000002")
