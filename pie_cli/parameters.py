@@ -23,26 +23,58 @@ class PieConfig:
     beta2: float = 0.75  # b2: blend weight inside the mask
     inference_steps: int = 50  # T: scheduler steps of a full schedule
     resolution: int = 512  # R: frames are R x R
+    # Optional per-step values (index n-1 for progression step n); empty = the single value above.
+    prompt_schedule: tuple[str, ...] = ()
+    strength_schedule: tuple[float, ...] = ()
+    guidance_schedule: tuple[float, ...] = ()
+
+    def prompt_at(self, n: int) -> str:
+        return self.prompt_schedule[n - 1] if self.prompt_schedule else self.prompt
+
+    def strength_at(self, n: int) -> float:
+        return self.strength_schedule[n - 1] if self.strength_schedule else self.strength
+
+    def guidance_at(self, n: int) -> float:
+        return self.guidance_schedule[n - 1] if self.guidance_schedule else self.guidance_scale
+
+    def prompts(self) -> list[str]:
+        """Every distinct prompt of the run, in order of first use."""
+        return list(dict.fromkeys(self.prompt_at(n) for n in range(1, self.steps + 1)))
 
     def problems(self) -> list[tuple[str, str]]:
         """(parameter, what is wrong) for every parameter out of range; empty when all are fine."""
         found = []
         if self.steps < 1:
             found.append(("steps", f"must be at least 1, got {self.steps}"))
-        if not 0.0 < self.strength <= 1.0:
-            found.append(("strength", f"must be in (0, 1], got {self.strength:g}"))
-        elif self.inference_steps >= 1 and denoise_count(self.inference_steps, self.strength) < 1:
-            found.append(
-                (
-                    "strength",
-                    f"{self.strength:g} with {self.inference_steps} inference steps leaves no denoising step "
-                    f"(int({self.inference_steps} * {self.strength:g}) = 0); raise either",
+        for name, schedule in (
+            ("prompt_schedule", self.prompt_schedule),
+            ("strength_schedule", self.strength_schedule),
+            ("guidance_schedule", self.guidance_schedule),
+        ):
+            if schedule and len(schedule) != self.steps:
+                found.append((name, f"has {len(schedule)} entries but --steps is {self.steps}"))
+        strengths = self.strength_schedule or (self.strength,)
+        for g in strengths:
+            name = "strength_schedule" if self.strength_schedule else "strength"
+            if not 0.0 < g <= 1.0:
+                found.append((name, f"must be in (0, 1], got {g:g}"))
+                break
+            if self.inference_steps >= 1 and denoise_count(self.inference_steps, g) < 1:
+                found.append(
+                    (
+                        name,
+                        f"{g:g} with {self.inference_steps} inference steps leaves no denoising step "
+                        f"(int({self.inference_steps} * {g:g}) = 0); raise either",
+                    )
                 )
-            )
+                break
         if self.inference_steps < 1:
             found.append(("inference_steps", f"must be at least 1, got {self.inference_steps}"))
-        if self.guidance_scale < 0:
-            found.append(("guidance_scale", f"must be >= 0, got {self.guidance_scale:g}"))
+        for w in self.guidance_schedule or (self.guidance_scale,):
+            if w < 0:
+                name = "guidance_schedule" if self.guidance_schedule else "guidance_scale"
+                found.append((name, f"must be >= 0, got {w:g}"))
+                break
         for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0.0 <= value <= 1.0:
                 found.append((name, f"must be in [0, 1], got {value:g}"))

@@ -39,7 +39,7 @@ from pie_cli.masks import prepare_mask
 from pie_cli.media import prepare_image
 from pie_cli.parameters import PieConfig, denoise_count
 
-__all__ = ["Components", "Frame", "PieConfig", "denoise_count", "progress"]
+__all__ = ["Components", "Frame", "PieConfig", "denoise_count", "progress", "progress_batch"]
 
 # on_denoise(progression_step, denoise_index (1-based), denoise_total)
 DenoiseCallback = Callable[[int, int, int], None]
@@ -150,33 +150,49 @@ def encode_posterior(components: Components, x: torch.Tensor) -> Any:
     return vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
 
-def sample_latents(components: Components, posterior: Any, generator: torch.Generator) -> torch.Tensor:
-    """scaling_factor * sample(posterior), in float32."""
-    return components.vae.config.scaling_factor * posterior.sample(generator=generator).float()
+def sample_latents(components: Components, posterior: Any, generators: list[torch.Generator]) -> torch.Tensor:
+    """scaling_factor * sample(posterior), in float32; batch element k draws from ``generators[k]``."""
+    gens = generators if len(generators) > 1 else generators[0]
+    return components.vae.config.scaling_factor * posterior.sample(generator=gens).float()
 
 
 @torch.no_grad()
-def decode_latents(components: Components, z: torch.Tensor) -> Image.Image:
+def decode_latents(components: Components, z: torch.Tensor) -> list[Image.Image]:
     vae = components.vae
     x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample
-    return tensor_to_image(x)
+    return [tensor_to_image(x[k : k + 1]) for k in range(x.shape[0])]
 
 
-def randn_like(z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise shaped like ``z``, drawn with ``generator`` on its own device."""
-    noise = torch.randn(z.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return noise.to(z.device)
+def randn_like(z: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``z``; row k drawn with ``generators[k]`` on its own device.
+
+    Drawing row by row makes trajectory k of a batch draw exactly what a single run with
+    ``generators[k]`` draws.
+    """
+    rows = [
+        torch.randn((1, *z.shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(z.device)
+        for g in generators
+    ]
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _repeat_posterior(posterior: Any, k: int) -> Any:
+    """The same posterior for ``k`` trajectories (sampled independently)."""
+    if k == 1:
+        return posterior
+    return type(posterior)(posterior.parameters.repeat(k, 1, 1, 1))
 
 
 @dataclass
 class _Prepared:
-    """Everything computed once per run."""
+    """Everything computed once per run (K trajectories share the input, mask and text)."""
 
     x0: Image.Image
-    z_init: torch.Tensor
-    posterior0: Any
+    z_init: torch.Tensor  # [K, C, h, w]: each trajectory samples its own
+    posterior0: Any  # frame 0's posterior, repeated K times
     mask: torch.Tensor | None
-    embeddings: torch.Tensor  # [negative, prompt]
+    negative: torch.Tensor  # [1, L, D]
+    prompts: dict[str, torch.Tensor]  # prompt -> [1, L, D]
 
 
 @torch.no_grad()
@@ -185,50 +201,58 @@ def _prepare(
     image: Image.Image,
     mask: Image.Image | None,
     config: PieConfig,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
 ) -> _Prepared:
     device = components.device
     # 1. Frame 0: the input, 8-bit RGB, short side resized to R and centre-cropped.
     x0 = prepare_image(image, config.resolution)
-    # 2. Text, once per run: unconditional (negative) first, then the prompt.
-    embeddings = encode_text(components, [config.negative_prompt, config.prompt])
-    embeddings = embeddings.to(components.unet.dtype)
+    # 2. Text, once per run and in one batch: the unconditional (negative) text, then every prompt.
+    prompts = config.prompts()
+    embeddings = encode_text(components, [config.negative_prompt, *prompts]).to(components.unet.dtype)
+    by_prompt = {p: embeddings[i + 1 : i + 2] for i, p in enumerate(prompts)}
     # 3. Initial latents, once per run.
-    posterior0 = encode_posterior(components, image_to_tensor(x0, device))
-    z_init = sample_latents(components, posterior0, generator)
+    posterior0 = _repeat_posterior(encode_posterior(components, image_to_tensor(x0, device)), len(generators))
+    z_init = sample_latents(components, posterior0, generators)
     # 4. Mask at latent size.
     latent_mask = None
     if mask is not None:
         m8 = prepare_mask(mask, image.size, config.resolution)
         latent_mask = mask_to_latent(m8, tuple(z_init.shape[-2:]), z_init.shape[1], device)
-    return _Prepared(x0, z_init, posterior0, latent_mask, embeddings)
+    return _Prepared(x0, z_init, posterior0, latent_mask, embeddings[:1], by_prompt)
+
+
+def _frames_to_tensor(frames: list[Image.Image], device: torch.device) -> torch.Tensor:
+    return torch.cat([image_to_tensor(f, device) for f in frames])
 
 
 @torch.no_grad()
 def _progression_step(
     components: Components,
     prep: _Prepared,
-    x_prev: Image.Image,
+    x_prev: list[Image.Image],
     n: int,
     config: PieConfig,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     on_denoise: DenoiseCallback | None,
-) -> Image.Image:
+) -> list[Image.Image]:
     device = components.device
     unet = components.unet
+    k = len(generators)
     scheduler = fresh_scheduler(components)
-    ts = step_timesteps(scheduler, config.inference_steps, config.strength, device)
+    ts = step_timesteps(scheduler, config.inference_steps, config.strength_at(n), device)
     step_accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+    guidance = config.guidance_at(n)
+    text = torch.cat([prep.negative] * k + [prep.prompts[config.prompt_at(n)]] * k)
 
-    # 1. Latents of the previous frame (its 8-bit image), noised to ts[0].
+    # 1. Latents of the previous frames (their 8-bit images), noised to ts[0].
     #    Frame 0's posterior is already known from the preparation: no second encode.
-    posterior = prep.posterior0 if n == 1 else encode_posterior(components, image_to_tensor(x_prev, device))
-    z = sample_latents(components, posterior, generator)
-    z_t = scheduler.add_noise(z, randn_like(z, generator), ts[:1])
-    # 2. One noise tensor for the reference latents of every timestep of this step.
-    ref_noise = randn_like(prep.z_init, generator)
+    posterior = prep.posterior0 if n == 1 else encode_posterior(components, _frames_to_tensor(x_prev, device))
+    z = sample_latents(components, posterior, generators)
+    z_t = scheduler.add_noise(z, randn_like(z, generators), ts[:1])
+    # 2. One noise tensor per trajectory for the reference latents of every timestep of this step.
+    ref_noise = randn_like(prep.z_init, generators)
 
-    # 3. Masked denoising with classifier-free guidance.
+    # 3. Masked denoising with classifier-free guidance: one UNet call (batch 2K) per timestep.
     total = len(ts)
     for i, t in enumerate(ts):
         if prep.mask is not None and i > 0:
@@ -237,10 +261,10 @@ def _progression_step(
             ref = scheduler.add_noise(prep.z_init, ref_noise, t.reshape(1))
             z_t = ref * (1 - prep.mask) + z_t * prep.mask
         model_in = scheduler.scale_model_input(torch.cat([z_t, z_t]), t)
-        eps = unet(model_in.to(unet.dtype), t, encoder_hidden_states=prep.embeddings, return_dict=False)[0]
+        eps = unet(model_in.to(unet.dtype), t, encoder_hidden_states=text, return_dict=False)[0]
         eps_u, eps_c = eps.float().chunk(2)
-        eps = eps_u + config.guidance_scale * (eps_c - eps_u)
-        extra = {"generator": generator} if step_accepts_generator else {}
+        eps = eps_u + guidance * (eps_c - eps_u)
+        extra = {"generator": generators if k > 1 else generators[0]} if step_accepts_generator else {}
         z_t = scheduler.step(eps, t, z_t, return_dict=False, **extra)[0].float()
         if on_denoise is not None:
             on_denoise(n, i + 1, total)
@@ -257,8 +281,54 @@ def _progression_step(
             f"progression step {n} produced NaN or infinite latents (a numerical overflow); "
             "nothing was written for it. Rerun with --dtype fp32."
         )
-    # 5. Decode to an 8-bit frame; the next step starts from this rounded image.
+    # 5. Decode to 8-bit frames; the next step starts from these rounded images.
     return decode_latents(components, z_out)
+
+
+def _configure(
+    components: Any, config: PieConfig | None, params: dict[str, Any]
+) -> tuple[Components, PieConfig]:
+    if not isinstance(components, Components):
+        components = Components.from_pipeline(components)
+    if config is None:
+        config = PieConfig(**params)
+    elif params:
+        raise TypeError("pass either config or keyword parameters, not both")
+    config.check()
+    return components, config
+
+
+def progress_batch(
+    components: Components | Any,
+    image: Image.Image,
+    mask: Image.Image | None = None,
+    config: PieConfig | None = None,
+    *,
+    generators: list[torch.Generator] | None = None,
+    seeds: list[int] | None = None,
+    on_denoise: DenoiseCallback | None = None,
+    **params: Any,
+) -> Iterator[list[Frame]]:
+    """K independent progressions of one image, batched: yields K frames per step.
+
+    Trajectory k uses ``generators[k]`` (or a CPU generator seeded ``seeds[k]``) and equals,
+    to float tolerance, a single :func:`progress` run with that generator; every denoising
+    step is one UNet call with batch 2K.
+    """
+    components, config = _configure(components, config, params)
+    if generators is None:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in (seeds or [42])]
+    start = time.perf_counter()
+    prep = _prepare(components, image, mask, config, generators)
+    seconds = time.perf_counter() - start
+    yield [Frame(0, prep.x0, seconds) for _ in generators]
+
+    frames = [prep.x0] * len(generators)
+    for n in range(1, config.steps + 1):
+        start = time.perf_counter()
+        frames = _progression_step(components, prep, frames, n, config, generators, on_denoise)
+        seconds = time.perf_counter() - start
+        yield [Frame(n, f, seconds) for f in frames]
 
 
 def progress(
@@ -281,22 +351,8 @@ def progress(
     seeded with ``seed`` is used; a CPU generator gives the same frames on every device
     up to floating-point differences.
     """
-    if not isinstance(components, Components):
-        components = Components.from_pipeline(components)
-    if config is None:
-        config = PieConfig(**params)
-    elif params:
-        raise TypeError("pass either config or keyword parameters, not both")
-    config.check()
-    if generator is None:
-        generator = torch.Generator("cpu").manual_seed(seed)
-
-    start = time.perf_counter()
-    prep = _prepare(components, image, mask, config, generator)
-    yield Frame(0, prep.x0, time.perf_counter() - start)
-
-    frame = prep.x0
-    for n in range(1, config.steps + 1):
-        start = time.perf_counter()
-        frame = _progression_step(components, prep, frame, n, config, generator, on_denoise)
-        yield Frame(n, frame, time.perf_counter() - start)
+    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
+    for frames in progress_batch(
+        components, image, mask, config, generators=[generator], on_denoise=on_denoise, **params
+    ):
+        yield frames[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,11 @@ MANIFEST = "manifest.json"
 MASK = "mask.png"
 GIF = "progression.gif"
 # Files pie itself writes in a run directory; --overwrite removes these and nothing else.
-_PIE_FILE = re.compile(r"^(frame_\d{3,}\.png|mask\.png|progression\.gif|manifest\.json|\..+\.\d+\.tmp)$")
+_PIE_FILE = re.compile(
+    r"^(frame_\d{3,}\.png|mask\.png|progression\.gif|manifest\.json|uncertainty\.png|mean_final\.png"
+    r"|metrics\.json|metrics\.csv|report\.png|\..+\.\d+\.tmp)$"
+)
+_PIE_DIR = re.compile(r"^traj_\d{2,}$")
 
 
 def frame_name(n: int) -> str:
@@ -65,6 +70,8 @@ class RunWriter:
             for entry in self.path.iterdir():
                 if entry.is_file() and _PIE_FILE.match(entry.name):
                     entry.unlink()
+                elif entry.is_dir() and _PIE_DIR.match(entry.name):
+                    shutil.rmtree(entry)
         self.manifest.setdefault("frames", [])
         self.manifest["status"] = "running"
         self.manifest["started"] = _now()

@@ -280,3 +280,71 @@ def test_rejects_bad_parameters(components, phantom):
         run(components, image, strength=0.0)
     with pytest.raises(ValueError, match="no denoising step"):
         run(components, image, strength=0.05, inference_steps=10)
+
+
+def test_batched_trajectories_equal_single_runs(components, phantom):
+    from pie_cli.progression import progress_batch
+
+    image, _, left = phantom
+    params = {"prompt": PROMPT, "steps": 3, "inference_steps": 10, "resolution": 64}
+    batched = list(progress_batch(components, image, left, seeds=[5, 6, 7], **params))
+    assert len(batched) == 4 and all(len(step) == 3 for step in batched)
+    for k, seed in enumerate((5, 6, 7)):
+        single = run(components, image, left, seed=seed, steps=3)
+        for n in range(4):
+            assert max_diff(batched[n][k].image, single[n]) <= 1, (k, n)
+    assert max_diff(batched[-1][0].image, batched[-1][1].image) > 10  # independent trajectories
+
+
+def test_batched_call_counts(components, phantom, monkeypatch):
+    """UNet = steps x len(ts) calls of batch 2K; text encoded once; one batched VAE encode/decode per step."""
+    from pie_cli.progression import progress_batch
+
+    calls = {"text": [], "encode": [], "decode": [], "unet": []}
+
+    def counting(name, fn):
+        def wrapper(x, *a, **k):
+            calls[name].append(x.shape[0])
+            return fn(x, *a, **k)
+
+        return wrapper
+
+    monkeypatch.setattr(components.text_encoder, "forward", counting("text", components.text_encoder.forward))
+    monkeypatch.setattr(components.vae, "encode", counting("encode", components.vae.encode))
+    monkeypatch.setattr(components.vae, "decode", counting("decode", components.vae.decode))
+    monkeypatch.setattr(components.unet, "forward", counting("unet", components.unet.forward))
+    image, _, left = phantom
+    schedule = (
+        "small left pleural effusion",
+        "moderate left pleural effusion",
+        "large left pleural effusion",
+    )
+    list(
+        progress_batch(
+            components,
+            image,
+            left,
+            seeds=[1, 2, 3, 4],
+            prompt=PROMPT,
+            steps=3,
+            inference_steps=10,
+            resolution=64,
+            prompt_schedule=schedule,
+            strength_schedule=(0.3, 0.5, 0.5),
+        )
+    )
+    assert calls["text"] == [4]  # negative + 3 scheduled prompts, one batch
+    assert calls["encode"] == [1, 4, 4]  # frame 0 once; steps 2 and 3 batched
+    assert calls["decode"] == [4, 4, 4]
+    assert calls["unet"] == [8] * (4 + 6 + 6)  # len(ts) = k + 1 with PNDM: 4, 6, 6
+
+
+def test_prompt_schedule_changes_the_prompt_per_step(components, phantom):
+    image, _, left = phantom
+    same = run(components, image, left, steps=2, prompt_schedule=(PROMPT, PROMPT))
+    plain = run(components, image, left, steps=2)
+    other = run(components, image, left, steps=2, prompt_schedule=(PROMPT, "cardiomegaly"))
+    assert max_diff(same[-1], plain[-1]) == 0
+    assert max_diff(other[1], plain[1]) == 0 and max_diff(other[2], plain[2]) > 0
+    with pytest.raises(ValueError, match="prompt_schedule has 1 entries but --steps is 2"):
+        run(components, image, left, steps=2, prompt_schedule=(PROMPT,))

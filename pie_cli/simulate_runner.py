@@ -1,0 +1,467 @@
+"""Running `pie simulate`: checked spec -> model -> progression(s) -> run directories.
+
+The command module parses options into a :class:`SimulateSpec`; this module validates it
+cheaply (before any model is loaded or file written), loads the model once, runs one case
+(K batched trajectories) or a cohort, and writes run directories with their manifests.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pie_cli import __version__
+from pie_cli.console import info, result, ui, warn
+from pie_cli.errors import PieError, UserError
+from pie_cli.parameters import PieConfig
+
+EXAMPLE_PROMPT = "large left pleural effusion"
+SUMMARY = "cohort_summary.csv"
+
+
+@dataclass(frozen=True)
+class SimulateSpec:
+    image: Path | None
+    prompt: str | None
+    mask: Path | None
+    model: str
+    out: Path
+    steps: int = 10
+    strength: float = 0.5
+    guidance_scale: float = 7.5
+    beta1: float = 0.01
+    beta2: float = 0.75
+    inference_steps: int = 50
+    scheduler: str = "model"
+    negative_prompt: str = ""
+    seed: int = 42
+    resolution: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+    unet: Path | None = None
+    lora: tuple[str, ...] = ()
+    gif: bool = True
+    overwrite: bool = False
+    trajectories: int = 1
+    prompt_schedule: Path | None = None
+    strength_schedule: str | None = None
+    guidance_schedule: str | None = None
+    compile: bool = False
+
+    def parameters(self) -> dict[str, Any]:
+        keep = [
+            "prompt",
+            "negative_prompt",
+            "steps",
+            "strength",
+            "guidance_scale",
+            "beta1",
+            "beta2",
+            "inference_steps",
+            "scheduler",
+            "resolution",
+            "seed",
+            "gif",
+            "trajectories",
+            "prompt_schedule",
+            "strength_schedule",
+            "guidance_schedule",
+            "compile",
+        ]
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k in keep}
+
+
+def build_config(spec: SimulateSpec) -> PieConfig:
+    """The PIE parameters (schedules read and parsed); a ``UserError`` naming the first bad option."""
+    from pie_cli.schedules import parse_numbers, read_prompts
+
+    prompts: tuple[str, ...] = ()
+    if spec.steps >= 1 and spec.prompt_schedule is not None:
+        prompts = read_prompts(spec.prompt_schedule, spec.steps, spec.prompt)
+    if not prompts and not (spec.prompt or "").strip():
+        raise UserError(f"--prompt is empty; describe the finding to simulate, e.g. {EXAMPLE_PROMPT!r}.")
+    strengths = (
+        parse_numbers(spec.strength_schedule, spec.steps, "--strength-schedule")
+        if spec.strength_schedule
+        else ()
+    )
+    guidances = (
+        parse_numbers(spec.guidance_schedule, spec.steps, "--guidance-schedule")
+        if spec.guidance_schedule
+        else ()
+    )
+    config = PieConfig(
+        prompt=spec.prompt or prompts[0],
+        negative_prompt=spec.negative_prompt,
+        steps=spec.steps,
+        strength=spec.strength,
+        guidance_scale=spec.guidance_scale,
+        beta1=spec.beta1,
+        beta2=spec.beta2,
+        inference_steps=spec.inference_steps,
+        resolution=spec.resolution,
+        prompt_schedule=prompts,
+        strength_schedule=strengths,
+        guidance_schedule=guidances,
+    )
+    for name, problem in config.problems():
+        raise UserError(f"--{name.replace('_', '-')} {problem}.")
+    if not 0 <= spec.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2^63), got {spec.seed}.")
+    if not 1 <= spec.trajectories <= 64:
+        raise UserError(f"--trajectories must be in 1..64, got {spec.trajectories}.")
+    return config
+
+
+@dataclass
+class Inputs:
+    config: PieConfig
+    image: Any
+    mask: Any  # the prepared R x R mask, or None
+    source: Any
+    unet: Path | None
+    adapters: tuple
+
+
+def check_inputs(spec: SimulateSpec, *, check_out: bool = True) -> Inputs:
+    """Validate everything cheaply, before loading a model or creating any file."""
+    from pie_cli.masks import prepare_mask, require_nonempty
+    from pie_cli.media import open_image
+    from pie_cli.registry import parse_lora, resolve, resolve_unet_path
+    from pie_cli.runs import check_out_dir
+
+    config = build_config(spec)
+    if spec.image is None:
+        raise UserError("give an IMAGE (or --cohort CSV).")
+    image = open_image(spec.image, "image")
+    mask = None
+    if spec.mask is not None:
+        raw_mask = open_image(spec.mask, "mask")
+        mask = prepare_mask(raw_mask, image.size, spec.resolution, spec.mask)
+        require_nonempty(mask, raw_mask, spec.resolution, spec.mask)
+    adapters = tuple(parse_lora(s) for s in spec.lora)
+    unet = resolve_unet_path(spec.unet) if spec.unet is not None else None
+    if check_out:
+        check_out_dir(spec.out, spec.overwrite)
+    source = resolve(spec.model)
+    return Inputs(config, image, mask, source, unet, adapters)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def load_model(spec: SimulateSpec, inputs: Inputs, display: Any):
+    from pie_cli.devices import choose_placement, tune_for_speed
+    from pie_cli.loading import load
+    from pie_cli.registry import vae_force_upcast
+
+    placement = choose_placement(spec.device, spec.dtype, vae_force_upcast(inputs.source.path))
+    for note in placement.notes:
+        warn(note)
+    with display.status(f"loading {spec.model}"):
+        components = load(inputs.source, placement, unet=inputs.unet, loras=inputs.adapters, verbose=ui.debug)
+        if spec.compile or placement.device.type == "cuda":
+            tune_for_speed(components, placement, compile_unet=spec.compile)
+    return components, placement
+
+
+def check_against_model(spec: SimulateSpec, inputs: Inputs, components: Any) -> None:
+    from pie_cli.masks import latent_mask
+    from pie_cli.progression import count_prompt_tokens
+
+    factor = components.vae_scale_factor
+    if spec.resolution % factor:
+        raise UserError(
+            f"--resolution {spec.resolution} is not a multiple of this model's VAE factor {factor}."
+        )
+    if inputs.mask is not None and latent_mask(inputs.mask, factor).max() == 0:
+        raise UserError(
+            f"mask {spec.mask} is too thin to reach any {factor}x{factor} latent cell at --resolution "
+            f"{spec.resolution}; dilate it (e.g. `pie mask --dilate`)."
+        )
+    limit = components.tokenizer.model_max_length
+    for name, text in [("--prompt", p) for p in inputs.config.prompts()] + [
+        ("--negative-prompt", spec.negative_prompt)
+    ]:
+        n = count_prompt_tokens(components.tokenizer, text)
+        if n > limit:
+            warn(f"{name} is {n} tokens; the text encoder reads only the first {limit}, the rest is ignored.")
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def run(spec: SimulateSpec) -> Path:
+    """`pie simulate IMAGE ...`: one case, K trajectories."""
+    inputs = check_inputs(spec)
+    from pie_cli.progress import ProgressDisplay
+
+    with ProgressDisplay(ui.progress) as display:
+        components, placement = load_model(spec, inputs, display)
+        check_against_model(spec, inputs, components)
+        seconds = run_case(spec, inputs, components, placement, display)
+    what = spec.out / "progression.gif" if spec.gif and spec.trajectories == 1 else spec.out
+    many = f" x {spec.trajectories} trajectories" if spec.trajectories > 1 else ""
+    info(
+        f"pie: {spec.steps} progression steps{many} in {seconds:.1f} s ({seconds / spec.steps:.2f} s/step) -> {what}"
+    )
+    result(str(spec.out))
+    return spec.out
+
+
+def run_case(spec: SimulateSpec, inputs: Inputs, components: Any, placement: Any, display: Any) -> float:
+    import torch
+
+    from pie_cli.loading import select_scheduler
+    from pie_cli.progression import fresh_scheduler, progress_batch, step_timesteps
+    from pie_cli.runs import RunWriter
+
+    components = select_scheduler(components, spec.scheduler)
+    config = inputs.config
+    k = spec.trajectories
+    seeds = [spec.seed + j for j in range(k)]
+    probe = fresh_scheduler(components)
+    timesteps = step_timesteps(
+        probe, config.inference_steps, config.strength_at(1), torch.device("cpu")
+    ).tolist()
+    manifest = _manifest(spec, inputs, placement, type(components.scheduler).__name__, timesteps)
+    top = RunWriter(spec.out, manifest)
+    top.open(spec.overwrite)
+    if k == 1:
+        writers = [top]
+    else:
+        writers = []
+        for j, s in enumerate(seeds):
+            sub = {**manifest, "parameters": {**manifest["parameters"], "seed": s}, "trajectory": j}
+            writer = RunWriter(spec.out / f"traj_{j:02d}", sub)
+            writer.open(spec.overwrite)
+            writers.append(writer)
+        top.manifest["trajectories"] = [f"traj_{j:02d}" for j in range(k)]
+    for writer in writers if k == 1 else [top, *writers]:
+        if inputs.mask is not None:
+            writer.write_mask(inputs.mask)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    history: list[list[Any]] = [[] for _ in range(k)]
+    started = time.perf_counter()
+    everyone = [top, *writers] if k > 1 else writers
+    try:
+        display.start(spec.steps, "progression")
+        for frames in progress_batch(
+            components, inputs.image, inputs.mask, config, generators=generators, on_denoise=display.inner
+        ):
+            for j, frame in enumerate(frames):
+                writers[j].write_frame(frame.index, frame.image, frame.seconds)
+                history[j].append(frame.image)
+            if frames[0].index > 0:
+                display.advance(frames[0].index, frames[0].seconds)
+        if spec.gif:
+            for writer, frames in zip(writers, history, strict=True):
+                writer.write_gif(frames)
+        if k > 1:
+            _write_spread(spec.out, history)
+            top.manifest["outputs"].update({"uncertainty": "uncertainty.png", "mean_final": "mean_final.png"})
+    except KeyboardInterrupt:
+        for writer in everyone:
+            writer.finish("interrupted", total_seconds=round(time.perf_counter() - started, 3))
+        raise
+    except Exception as exc:
+        for writer in everyone:
+            writer.finish(
+                "failed",
+                error=f"{type(exc).__name__}: {exc}",
+                total_seconds=round(time.perf_counter() - started, 3),
+            )
+        raise
+    total = time.perf_counter() - started
+    for writer in everyone:
+        writer.finish("complete", total_seconds=round(total, 3))
+    return total
+
+
+def _write_spread(out: Path, history: list[list[Any]]) -> None:
+    """uncertainty.png (per-pixel std of the last frames, a heat map over frame 0) and mean_final.png."""
+    import numpy as np
+    from PIL import Image
+
+    from pie_cli.annotate import HEAT_LUT
+    from pie_cli.media import save_png
+
+    last = np.stack([np.asarray(frames[-1].convert("RGB"), dtype=np.float64) for frames in history])
+    save_png(
+        Image.fromarray(np.round(last.mean(axis=0)).astype(np.uint8), mode="RGB"), out / "mean_final.png"
+    )
+    std = last.std(axis=0).mean(axis=2)
+    scale = max(float(std.max()), 1e-9)
+    heat = HEAT_LUT[np.clip(np.round(std / scale * 255), 0, 255).astype(np.uint8)].astype(np.float64)
+    alpha = (0.15 + 0.75 * std / scale)[..., None]
+    base = np.asarray(history[0][0].convert("RGB"), dtype=np.float64)
+    overlay = base * (1 - alpha) + heat * alpha
+    save_png(Image.fromarray(np.round(overlay).astype(np.uint8), mode="RGB"), out / "uncertainty.png")
+
+
+# --------------------------------------------------------------------------- cohorts
+
+
+def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
+    """`pie simulate --cohort cases.csv --out DIR`: one run directory per case, the model loaded once."""
+    import json
+
+    from pie_cli.cohort import process_rank, read_cohort, split
+    from pie_cli.progress import ProgressDisplay
+
+    if base.image is not None:
+        raise UserError("give an IMAGE or --cohort, not both.")
+    cases = read_cohort(cohort)
+    rank, world = process_rank()
+    plans: list[tuple[Any, SimulateSpec, Inputs | None, str]] = []
+    for case in split(cases, rank, world):
+        values = dict(case.values)
+        values.setdefault("seed", base.seed + case.index)
+        out = base.out / case.name
+        manifest = out / "manifest.json"
+        status = None
+        if manifest.is_file():
+            try:
+                status = json.loads(manifest.read_text()).get("status")
+            except json.JSONDecodeError:
+                status = None
+        spec = replace(base, out=out, overwrite=base.overwrite or status is not None, **values)
+        if status == "complete" and not base.overwrite:
+            plans.append((case, spec, None, "skipped (complete)"))
+            continue
+        try:
+            plans.append((case, spec, check_inputs(spec), "pending"))
+        except UserError as exc:
+            raise UserError(f"--cohort {cohort} row {case.row}: {exc}") from None
+    rows = []
+    failures = 0
+    with ProgressDisplay(ui.progress) as display:
+        components = placement = None
+        for case, spec, inputs, status in plans:
+            if inputs is None:
+                rows.append([case.name, status, 0.0, str(spec.out)])
+                continue
+            if components is None:
+                components, placement = load_model(spec, inputs, display)
+            try:
+                check_against_model(spec, inputs, components)
+                seconds = run_case(spec, inputs, components, placement, display)
+                rows.append([case.name, "complete", round(seconds, 3), str(spec.out)])
+            except UserError as exc:
+                failures += 1
+                rows.append([case.name, f"failed: {exc}", 0.0, str(spec.out)])
+            except (RuntimeError, ValueError, OSError) as exc:
+                if ui.debug:
+                    raise
+                failures += 1
+                rows.append([case.name, f"failed: {type(exc).__name__}: {exc}", 0.0, str(spec.out)])
+    _write_summary(base.out, rows, rank, world)
+    done = sum(r[1] == "complete" for r in rows)
+    info(
+        f"cohort: {done} run, {sum(r[1].startswith('skipped') for r in rows)} skipped, {failures} failed "
+        f"-> {base.out / SUMMARY}"
+    )
+    result(str(base.out))
+    if failures:
+        raise PieError(f"{failures} cohort case(s) failed; see {base.out / SUMMARY}.")
+    return base.out
+
+
+def _write_summary(out: Path, rows: list[list[Any]], rank: int, world: int) -> None:
+    from pie_cli.media import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    name = SUMMARY if world == 1 else f"cohort_summary.rank{rank}.csv"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case", "status", "seconds", "output"])
+    writer.writerows(rows)
+    write_text(out / name, buffer.getvalue())
+    if world > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            merged = [["case", "status", "seconds", "output"]]
+            for r in range(world):
+                part = out / f"cohort_summary.rank{r}.csv"
+                merged += list(csv.reader(part.open()))[1:]
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows(merged)
+            write_text(out / SUMMARY, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(
+    spec: SimulateSpec, inputs: Inputs, placement: Any, scheduler_class: str, timesteps: list[int]
+) -> dict[str, Any]:
+    model = inputs.source.describe()
+    if inputs.unet is not None:
+        model["unet"] = str(inputs.unet)
+    model["loras"] = model["loras"] + [a.spec() for a in inputs.adapters]
+    parameters = spec.parameters()
+    if inputs.config.prompt_schedule:
+        parameters["prompts"] = list(inputs.config.prompt_schedule)
+    if inputs.config.strength_schedule:
+        parameters["strengths"] = list(inputs.config.strength_schedule)
+    if inputs.config.guidance_schedule:
+        parameters["guidance_scales"] = list(inputs.config.guidance_schedule)
+    return {
+        "pie_version": __version__,
+        "command": "simulate",
+        "argv": sys.argv[1:],
+        "parameters": parameters,
+        "model": model,
+        "scheduler": {
+            "class": scheduler_class,
+            "timesteps": timesteps,
+            "unet_calls_per_step": len(timesteps),
+        },
+        "inputs": {
+            "image": str(spec.image),
+            "image_sha256": _sha256(spec.image),
+            "image_size": list(inputs.image.size),
+            "mask": str(spec.mask) if spec.mask else None,
+            "mask_sha256": _sha256(spec.mask) if spec.mask else None,
+        },
+        "placement": placement.describe(),
+        "environment": _environment(placement),
+        "outputs": {"frames": [f"frame_{0:03d}.png", f"frame_{spec.steps:03d}.png"]},
+    }
+
+
+def _environment(placement: Any) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pillow"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            env[pkg] = None
+    if placement.device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(placement.device)
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
