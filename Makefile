@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := .cache/demo
 
-.PHONY: install test lint demo finetune simulate bench clean
+.PHONY: install test lint demo demo-model finetune simulate bench clean
 
 # make finetune RECIPE=recipes/chexpert-lora.yaml DATA=/data/CheXpert-v1.0  (re-run to resume)
 # make simulate RECIPE=recipes/chexpert-lora.yaml IMAGE=cxr.png MASK=lung.png PROMPT="large left pleural effusion"
@@ -24,20 +24,24 @@ $(STAMP): requirements/dev.txt pyproject.toml
 	@touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pie_cli tests benchmarks
-	$(BIN)/ruff format --check pie_cli tests benchmarks
+	$(BIN)/ruff check pie_cli tests benchmarks recipes
+	$(BIN)/ruff format --check pie_cli tests benchmarks recipes
 
 test: lint
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m pie_cli.demo $(DEMO)
-	$(BIN)/pie simulate $(DEMO)/chest.png --mask $(DEMO)/left-lung.png --model $(DEMO)/tiny-sd \
-		--prompt "large left pleural effusion" --steps 10 --resolution 256 --out runs/demo --overwrite
+	$(BIN)/pie demo case --out $(DEMO) --overwrite
+	$(BIN)/pie simulate $(DEMO)/chest.png --mask $(DEMO)/left-lung.png --model demo \
+		--prompt "large left pleural effusion" --steps 10 --resolution 64 --out runs/demo --overwrite
 	$(BIN)/pie export-gif runs/demo --out runs/demo/side-by-side.gif --side-by-side --diff --mask-outline \
-		--caption "step {i}/{n}" --overwrite
-	@echo "GIF: runs/demo/progression.gif and runs/demo/side-by-side.gif"
-	@echo "(a randomly initialised model: this shows the machinery, not medicine)"
+		--caption "step {i}/{n}" --resize 576 --overwrite
+	$(BIN)/pie evaluate runs/demo --classifier demo
+	@echo "GIF: runs/demo/side-by-side.gif (and progression.gif); report: runs/demo/report.png"
+
+# Retrain the built-in demo model and classifier (about an hour on 2 CPU cores; see its README).
+demo-model: $(STAMP)
+	$(BIN)/python recipes/demo-model/train.py
 
 finetune: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make finetune RECIPE=recipes/<name>.yaml DATA=/path/to/dataset [FT_OUT=dir]"; exit 2; }
@@ -51,6 +55,7 @@ simulate: $(STAMP)
 		--out runs/simulate/$(NAME)-$(basename $(notdir $(IMAGE))) --overwrite
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_simulate.py
 	$(BIN)/python benchmarks/bench_finetune.py
 
 clean:

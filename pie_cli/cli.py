@@ -8,6 +8,8 @@ import typer
 
 from pie_cli import __version__
 from pie_cli.boundary import guarded
+from pie_cli.commands.demo import demo_app
+from pie_cli.commands.evaluate import evaluate
 from pie_cli.commands.export_gif import export_gif
 from pie_cli.commands.finetune import finetune
 from pie_cli.commands.mask import mask_app
@@ -61,7 +63,9 @@ app.command("simulate", no_args_is_help=True)(guarded(simulate))
 app.add_typer(mask_app, name="mask")
 app.command("export-gif", no_args_is_help=True)(guarded(export_gif))
 app.command("finetune", no_args_is_help=True)(guarded(finetune))
+app.command("evaluate", no_args_is_help=True)(guarded(evaluate))
 app.add_typer(models_app, name="models")
+app.add_typer(demo_app, name="demo")
 
 
 def main() -> None:

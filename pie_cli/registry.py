@@ -31,7 +31,10 @@ BUILTIN_ALIASES: dict[str, str] = {
     "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "mimic-cxr": "IrohXu/stable-diffusion-mimic-cxr-v0.1",
 }
+# Shipped inside the package: always available offline.
+BUILTIN_LOCAL: dict[str, Path] = {"demo": Path(__file__).parent / "demo" / "model"}
 BUILTIN_NOTES: dict[str, str] = {
+    "demo": "tiny model trained on synthetic chest phantoms (64 px), shipped with pie",
     "sd-v1-4": "Stable Diffusion 1.4 (CompVis)",
     "sd-v1-5": "Stable Diffusion 1.5",
     "mimic-cxr": "SD fine-tuned on MIMIC-CXR report-image pairs (PIE paper)",
@@ -60,7 +63,7 @@ class ModelSource:
 
     reference: str
     path: Path
-    origin: str  # "directory" | "hf-cache"
+    origin: str  # "directory" | "hf-cache" | "built-in"
     repo_id: str | None = None
     revision: str | None = None  # commit hash for hf-cache models
     alias: str | None = None
@@ -221,6 +224,14 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
         if reference in _seen:
             raise UserError(f"model alias {reference} refers to itself through {' -> '.join(_seen)}.")
         return _resolve_user(reference, users[reference], _seen + (reference,))
+    if not explicit_path and reference in BUILTIN_LOCAL:
+        local = BUILTIN_LOCAL[reference]
+        if not (local / "model_index.json").is_file():
+            raise UserError(
+                f"the built-in {reference} model is missing from this installation ({local}); "
+                "build it with `make demo-model`."
+            )
+        return ModelSource(reference, local, "built-in", alias=reference)
     if not explicit_path and reference in BUILTIN_ALIASES:
         source = _resolve_repo(BUILTIN_ALIASES[reference], None, reference)
         return ModelSource(**{**source.__dict__, "reference": reference, "alias": reference})
@@ -238,7 +249,7 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
     match = REPO_ID.match(reference)
     if match:
         return _resolve_repo(match["repo"], match["rev"], reference)
-    known = sorted(set(BUILTIN_ALIASES) | set(users))
+    known = sorted(set(BUILTIN_ALIASES) | set(BUILTIN_LOCAL) | set(users))
     raise UserError(
         f"unknown model {reference!r}: not a directory, an alias ({', '.join(known)}) or a Hugging Face repo id."
     )

@@ -17,6 +17,10 @@ COMMANDS = [
     ["mask", "info"],
     ["export-gif"],
     ["finetune"],
+    ["evaluate"],
+    ["demo"],
+    ["demo", "data"],
+    ["demo", "case"],
     ["models"],
     ["models", "list"],
     ["models", "add"],
@@ -58,6 +62,8 @@ def test_python_dash_m_entry_point():
         ["mask", "info", "--help"],
         ["export-gif", "--help"],
         ["finetune", "--help"],
+        ["evaluate", "--help"],
+        ["demo", "--help"],
     ],
 )
 def test_light_commands_do_not_import_torch(argv):

@@ -101,7 +101,12 @@ def test_user_aliases_through_the_cli(cli, tiny_model, tiny_lora):
     rows = json.loads(cli("models", "list", "--json").stdout)
     mine = [r for r in rows if r["name"] == "tiny"][0]
     assert mine["status"] == "ok" and mine["path"] == str(tiny_model.resolve()) and mine["source"] == "user"
-    assert {r["name"] for r in rows if r["source"] == "built-in"} == {"sd-v1-4", "sd-v1-5", "mimic-cxr"}
+    assert {r["name"] for r in rows if r["source"] == "built-in"} == {
+        "demo",
+        "sd-v1-4",
+        "sd-v1-5",
+        "mimic-cxr",
+    }
 
     result = cli("models", "add", "fx", tiny_lora)
     assert result.exit_code == 2 and "is a lora; say which model it applies to with --base" in result.stderr

@@ -36,9 +36,22 @@ def _status(reference: str) -> tuple[str, str]:
 @guarded
 def list_models(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List built-in and user aliases and whether each resolves offline."""
-    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_NOTES, load_user_models
+    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, BUILTIN_NOTES, load_user_models
 
     rows = []
+    for name in BUILTIN_LOCAL:
+        status, where = _status(name)
+        rows.append(
+            {
+                "name": name,
+                "kind": "model",
+                "source": "built-in",
+                "target": "(shipped with pie)",
+                "status": status,
+                "path": where if status == "ok" else None,
+                "note": BUILTIN_NOTES[name],
+            }
+        )
     for name, repo in BUILTIN_ALIASES.items():
         status, where = _status(name)
         rows.append(
@@ -105,6 +118,7 @@ def add(
     from pie_cli.registry import (
         ALIAS_NAME,
         BUILTIN_ALIASES,
+        BUILTIN_LOCAL,
         REPO_ID,
         UserModel,
         classify_target,
@@ -117,7 +131,7 @@ def add(
         raise UserError(
             f"alias {name!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'."
         )
-    if name in BUILTIN_ALIASES:
+    if name in BUILTIN_ALIASES or name in BUILTIN_LOCAL:
         raise UserError(f"alias {name} is built in; choose another name.")
     models = load_user_models()
     if name in models and not force:
@@ -171,9 +185,9 @@ def remove(
     debug: DebugOpt = False,
 ) -> None:
     """Remove a user alias (the files it points to stay where they are)."""
-    from pie_cli.registry import BUILTIN_ALIASES, load_user_models, save_user_models
+    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, load_user_models, save_user_models
 
-    if name in BUILTIN_ALIASES:
+    if name in BUILTIN_ALIASES or name in BUILTIN_LOCAL:
         raise UserError(f"alias {name} is built in and cannot be removed.")
     models = load_user_models()
     if name not in models:
@@ -238,8 +252,10 @@ def pull(
 ) -> None:
     """Download a model into the Hugging Face cache (safetensors weights and configs only)."""
     from pie_cli.config import hf_hub_cache, hf_offline
-    from pie_cli.registry import BUILTIN_ALIASES, REPO_ID, load_user_models
+    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, REPO_ID, load_user_models
 
+    if reference in BUILTIN_LOCAL:
+        raise UserError(f"{reference} ships with pie; there is nothing to download.")
     users = load_user_models()
     target = users[reference].target if reference in users else BUILTIN_ALIASES.get(reference, reference)
     match = REPO_ID.match(target)

@@ -43,23 +43,7 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
 
-    vocab_size = write_clip_vocab(root / "tokenizer")
-    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
-    tokenizer_config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": EOS,
-        "pad_token": EOS,
-        "do_lower_case": True,
-        "errors": "replace",
-        "clean_up_tokenization_spaces": True,
-    }
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    (root / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-
+    vocab_size, vocab = write_tokenizer(root / "tokenizer", max_length=77)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
@@ -111,6 +95,37 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
+    write_pipeline_files(root)
+    (root / "README.md").write_text(
+        "# tiny random SD-1.x-shaped model\n\nBuilt by `pie_cli.demo.tiny.build_tiny_model` "
+        f"(seed {seed}). Randomly initialised: for tests and demos of the machinery only.\n"
+    )
+    return root
+
+
+def write_tokenizer(directory: Path, max_length: int = 77) -> tuple[int, dict[str, int]]:
+    """A CLIP tokenizer folder with the locally learnt vocabulary; returns (size, vocab)."""
+    vocab_size = write_clip_vocab(directory)
+    vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+    tokenizer_config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+        "errors": "replace",
+        "clean_up_tokenization_spaces": True,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return vocab_size, vocab
+
+
+def write_pipeline_files(root: Path) -> None:
+    """SD 1.x's PNDM scheduler config and a model_index.json without safety checker."""
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER, indent=2))
     model_index = {
@@ -126,11 +141,6 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (root / "model_index.json").write_text(json.dumps(model_index, indent=2))
-    (root / "README.md").write_text(
-        "# tiny random SD-1.x-shaped model\n\nBuilt by `pie_cli.demo.tiny.build_tiny_model` "
-        f"(seed {seed}). Randomly initialised: for tests and demos of the machinery only.\n"
-    )
-    return root
 
 
 def _diffusers_version() -> str:
