@@ -29,7 +29,7 @@ from pie_cli.training.config import TrainSpec
 
 TEXT_COLUMNS = ("text", "caption", "report", "prompt", "impression", "findings", "label", "labels")
 IMAGE_COLUMNS = ("file_name", "image", "path", "filepath", "image_path", "filename", "file")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom")
 
 CHEXPERT_OBSERVATIONS = (
     "No Finding",
@@ -293,7 +293,9 @@ def _indexed_table(
         where = f"{table.name} row {n}"
         path = images.get(str(row[id_col]).strip())
         if path is None:
-            raise UserError(f"{where}: no image named {row[id_col]!r} (.jpg/.jpeg/.png) below {root}.")
+            raise UserError(
+                f"{where}: no image named {row[id_col]!r} ({'/'.join(IMAGE_SUFFIXES)}) below {root}."
+            )
         labels = label(row)
         fields = {**row, "instance": instance, "labels": labels, "caption": labels}
         records.append(Record(path, render_prompt(spec.prompt_template, fields, where), where))
@@ -402,10 +404,17 @@ def check_images(data: TrainingData, progress: Callable[[int, int], None] | None
     """Every image file exists and has a readable header; the first bad one is named with its row."""
     from PIL import Image, UnidentifiedImageError
 
+    from pie_cli.medical_io import check_dicom, is_dicom
+
     if data.format == "hf":
         return
     for k, record in enumerate(data.records):
         path = record.image
+        if isinstance(path, Path) and path.is_file() and is_dicom(path):
+            check_dicom(path, f"image ({record.where})")  # header only, like PIL's check below
+            if progress is not None:
+                progress(k + 1, len(data.records))
+            continue
         try:
             with Image.open(path) as img:
                 img.size  # noqa: B018 - reading the header is the check
