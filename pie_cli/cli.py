@@ -9,6 +9,7 @@ import typer
 from pie_cli import __version__
 from pie_cli.boundary import guarded
 from pie_cli.commands.demo import demo_app
+from pie_cli.commands.doctor import doctor
 from pie_cli.commands.evaluate import evaluate
 from pie_cli.commands.export_gif import export_gif
 from pie_cli.commands.finetune import finetune
@@ -66,6 +67,7 @@ app.command("finetune", no_args_is_help=True)(guarded(finetune))
 app.command("evaluate", no_args_is_help=True)(guarded(evaluate))
 app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
+app.command("doctor")(guarded(doctor))
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ COMMANDS = [
     ["models", "remove"],
     ["models", "info"],
     ["models", "pull"],
+    ["doctor"],
 ]
 
 
