@@ -87,3 +87,29 @@ def draw_caption(img: Image.Image, text: str) -> Image.Image:
         (pad, pad), text, font=font, fill=(255, 255, 255), stroke_width=stroke, stroke_fill=(0, 0, 0)
     )
     return out
+
+
+WATERMARK = "SYNTHETIC"
+
+
+def watermark_box(img: Image.Image, text: str = WATERMARK) -> tuple[int, int, int, int]:
+    """Where :func:`watermark` draws (bottom-right corner): the only pixels it changes."""
+    font = caption_font(img.width)
+    size = getattr(font, "size", 10)
+    pad = max(1, size // 5)
+    left, top, right, bottom = ImageDraw.Draw(img).textbbox((0, 0), text, font=font)
+    w, h = right - left + 2 * pad, bottom - top + 2 * pad
+    return max(0, img.width - w), max(0, img.height - h), img.width, img.height
+
+
+def watermark(img: Image.Image, text: str = WATERMARK) -> Image.Image:
+    """A small "SYNTHETIC" label burnt into the bottom-right corner: white on a black box."""
+    out = img.convert("RGB").copy()
+    font = caption_font(out.width)
+    box = watermark_box(out, text)
+    draw = ImageDraw.Draw(out)
+    draw.rectangle(box, fill=(0, 0, 0))
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+    pad = max(1, getattr(font, "size", 10) // 5)
+    draw.text((box[0] + pad - left, box[1] + pad - top), text, font=font, fill=(255, 255, 255))
+    return out

@@ -30,3 +30,9 @@ class UserError(PieError):
 
 class NumericalError(PieError):
     """NaN/inf in latents or frames: the run stops rather than writing a black frame."""
+
+
+class Interrupted(PieError):
+    """Ctrl-C or SIGTERM stopped a run; what was finished is kept and the message says how to go on."""
+
+    exit_code = 130

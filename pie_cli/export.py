@@ -23,7 +23,7 @@ from PIL import GifImagePlugin, Image
 
 from pie_cli.annotate import OUTLINE_RGB, abs_diff, draw_caption, draw_outline, heat_panel, hstack
 from pie_cli.errors import UserError
-from pie_cli.media import atomic_path, open_image
+from pie_cli.media import atomic_path, open_image, provenance, save_png
 
 FORMATS = (".gif", ".webp", ".png", ".mp4")
 FRAME_FILE = re.compile(r"^frame_(\d+)\.png$")
@@ -217,13 +217,28 @@ def _indexed(frame: Image.Image, palette: np.ndarray) -> Image.Image:
     return out
 
 
-def write_gif(frames: Sequence[Image.Image], path: Path, durations_ms: Sequence[int], loop: int = 0) -> None:
-    """Animated GIF with every frame and duration as given (GIF stores delays in 10 ms units)."""
+def _comment(run_id: str | None) -> str:
+    text = provenance(run_id)
+    run = f" (run {text['pie_run']})" if "pie_run" in text else ""
+    return f"{text['Comment']} {text['Software']}{run}; synthetic=true"
+
+
+def write_gif(
+    frames: Sequence[Image.Image],
+    path: Path,
+    durations_ms: Sequence[int],
+    loop: int = 0,
+    run_id: str | None = None,
+) -> None:
+    """Animated GIF with every frame and duration as given (GIF stores delays in 10 ms units).
+
+    A comment extension says the animation is synthetic and made by pie (and from which run).
+    """
     if not frames:
         raise ValueError("write_gif needs at least one frame")
     palette = _palette(frames)
     indexed = [_indexed(f, palette) for f in frames]
-    header, _ = GifImagePlugin.getheader(indexed[0].copy(), info={"loop": loop})
+    header, _ = GifImagePlugin.getheader(indexed[0].copy(), info={"loop": loop, "comment": _comment(run_id)})
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         for chunk in header:
             fh.write(chunk)
@@ -252,8 +267,15 @@ def write_webp(
     loop: int = 0,
     lossless: bool = False,
     quality: int = 90,
+    run_id: str | None = None,
 ) -> None:
-    """Animated WebP. (libwebp itself merges identical consecutive frames, adding their durations.)"""
+    """Animated WebP. (libwebp itself merges identical consecutive frames, adding their durations.)
+
+    Provenance goes into EXIF: Software and ImageDescription (synthetic, made by pie, the run).
+    """
+    exif = Image.Exif()
+    exif[0x0131] = provenance(run_id)["Software"]
+    exif[0x010E] = _comment(run_id)
     with atomic_path(path) as tmp:
         frames[0].save(
             tmp,
@@ -264,10 +286,13 @@ def write_webp(
             loop=loop,
             lossless=lossless,
             quality=quality,
+            exif=exif,
         )
 
 
-def write_grid(frames: Sequence[Image.Image], path: Path, columns: int | None = None) -> None:
+def write_grid(
+    frames: Sequence[Image.Image], path: Path, columns: int | None = None, run_id: str | None = None
+) -> None:
     """All frames on one PNG, ``columns`` per row (default: one row, a strip)."""
     cols = min(len(frames), columns or len(frames))
     rows = math.ceil(len(frames) / cols)
@@ -275,11 +300,12 @@ def write_grid(frames: Sequence[Image.Image], path: Path, columns: int | None = 
     sheet = Image.new("RGB", (cols * w, rows * h))
     for k, f in enumerate(frames):
         sheet.paste(f, ((k % cols) * w, (k // cols) * h))
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+    save_png(sheet, path, run_id)
 
 
-def write_mp4(frames: Sequence[Image.Image], path: Path, durations_ms: Sequence[int]) -> None:
+def write_mp4(
+    frames: Sequence[Image.Image], path: Path, durations_ms: Sequence[int], run_id: str | None = None
+) -> None:
     """H.264 MP4 with each frame's own duration (needs the optional PyAV extra)."""
     try:
         import av
@@ -292,6 +318,7 @@ def write_mp4(frames: Sequence[Image.Image], path: Path, durations_ms: Sequence[
     ms = Fraction(1, 1000)
     with atomic_path(path) as tmp:
         container = av.open(str(tmp), mode="w", format="mp4")
+        container.metadata["comment"] = _comment(run_id)
         try:
             codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
             stream = container.add_stream(
@@ -320,19 +347,25 @@ def write_mp4(frames: Sequence[Image.Image], path: Path, durations_ms: Sequence[
             container.close()
 
 
-def write(frames: Sequence[Image.Image], path: Path, options: ExportOptions, turn: int | None = None) -> None:
-    """Write ``frames`` in the format named by ``path``'s extension."""
+def write(
+    frames: Sequence[Image.Image],
+    path: Path,
+    options: ExportOptions,
+    turn: int | None = None,
+    run_id: str | None = None,
+) -> None:
+    """Write ``frames`` in the format named by ``path``'s extension, marked synthetic (see media.provenance)."""
     suffix = Path(path).suffix.lower()
     times = durations(
         len(frames), len(frames) - 1 if turn is None else turn, options.duration_ms, options.hold_last_ms
     )
     if suffix == ".gif":
-        write_gif(frames, path, times, options.loop)
+        write_gif(frames, path, times, options.loop, run_id)
     elif suffix == ".webp":
-        write_webp(frames, path, times, options.loop, options.lossless, options.quality)
+        write_webp(frames, path, times, options.loop, options.lossless, options.quality, run_id)
     elif suffix == ".png":
-        write_grid(frames, path, options.columns)
+        write_grid(frames, path, options.columns, run_id)
     elif suffix == ".mp4":
-        write_mp4(frames, path, times)
+        write_mp4(frames, path, times, run_id)
     else:
         raise UserError(f"--out {path}: unknown format {suffix or '(none)'!r}; use {', '.join(FORMATS)}.")

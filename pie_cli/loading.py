@@ -58,14 +58,22 @@ def quiet_libraries(verbose: bool = False):
         transformers.utils.logging.set_verbosity(levels[1])
 
 
-def _require_safetensors(folder: Path, what: str) -> None:
+def _require_safetensors(folder: Path, what: str, allow_pickle: bool = False, warn=None) -> bool:
+    """True when ``folder`` has safetensors weights; pickle-only weights need ``allow_pickle``."""
     safe, pickle = weight_files(folder)
     if safe:
-        return
+        return True
     if pickle:
+        if allow_pickle:
+            if warn is not None:
+                warn(
+                    f"{what}: loading pickle weights {folder / pickle[0].name} (--allow-pickle); "
+                    "a pickle file can run arbitrary code: load only files you trust."
+                )
+            return False
         raise UserError(
-            f"{what} ({folder}) has only pickle weights ({pickle[0].name}); pie loads safetensors only, "
-            "which cannot run code when opened. Convert them to .safetensors."
+            f"{what} ({folder}) has only pickle weights ({pickle[0].name}), which can run code when opened; "
+            "convert them to .safetensors, or pass --allow-pickle if you trust the file."
         )
     raise UserError(f"{what} ({folder}) has no weights file.")
 
@@ -77,11 +85,14 @@ def load(
     unet: Path | None = None,
     loras: tuple[Adapter, ...] = (),
     verbose: bool = False,
+    allow_pickle: bool = False,
+    warn=None,
 ) -> Components:
     """Load (or fetch from the in-process cache) the components of ``source``."""
     unet_path = unet or source.unet
     adapters = (*source.loras, *loras)
     key = (
+        allow_pickle,
         str(source.path),
         str(unet_path) if unet_path else None,
         tuple((str(a.path), a.weight) for a in adapters),
@@ -92,27 +103,42 @@ def load(
     if key in _CACHE:
         return _CACHE[key]
     with quiet_libraries(verbose):
-        components = _load(source, placement, unet_path, adapters)
+        components = _load(source, placement, unet_path, adapters, allow_pickle, warn)
     _CACHE[key] = components
     return components
 
 
-def _load(source: ModelSource, placement: Placement, unet_path: Path | None, adapters: tuple[Adapter, ...]):
+def _load(
+    source: ModelSource,
+    placement: Placement,
+    unet_path: Path | None,
+    adapters: tuple[Adapter, ...],
+    allow_pickle: bool = False,
+    warn=None,
+):
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = source.path
     unet_dir = unet_path or (root / "unet")
-    _require_safetensors(unet_dir, "UNet" if unet_path else f"model {source.reference}: unet")
-    _require_safetensors(root / "vae", f"model {source.reference}: vae")
-    _require_safetensors(root / "text_encoder", f"model {source.reference}: text_encoder")
+    safe = {
+        "unet": _require_safetensors(
+            unet_dir, "UNet" if unet_path else f"model {source.reference}: unet", allow_pickle, warn
+        ),
+        "vae": _require_safetensors(root / "vae", f"model {source.reference}: vae", allow_pickle, warn),
+        "text_encoder": _require_safetensors(
+            root / "text_encoder", f"model {source.reference}: text_encoder", allow_pickle, warn
+        ),
+    }
 
-    common = {"local_files_only": True, "use_safetensors": True}
-    unet_model = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=placement.dtype, **common)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=placement.vae_dtype, **common)
+    def opts(part: str) -> dict:
+        return {"local_files_only": True, "use_safetensors": safe[part]}
+
+    unet_model = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=placement.dtype, **opts("unet"))
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=placement.vae_dtype, **opts("vae"))
     text_encoder = CLIPTextModel.from_pretrained(
-        root, subfolder="text_encoder", dtype=placement.dtype, **common
+        root, subfolder="text_encoder", dtype=placement.dtype, **opts("text_encoder")
     )
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
     sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))

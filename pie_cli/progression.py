@@ -39,7 +39,7 @@ from pie_cli.masks import prepare_mask
 from pie_cli.media import prepare_image
 from pie_cli.parameters import PieConfig, denoise_count
 
-__all__ = ["Components", "Frame", "PieConfig", "denoise_count", "progress", "progress_batch"]
+__all__ = ["Components", "Frame", "PieConfig", "ResumePoint", "denoise_count", "progress", "progress_batch"]
 
 # on_denoise(progression_step, denoise_index (1-based), denoise_total)
 DenoiseCallback = Callable[[int, int, int], None]
@@ -157,10 +157,25 @@ def sample_latents(components: Components, posterior: Any, generators: list[torc
 
 
 @torch.no_grad()
-def decode_latents(components: Components, z: torch.Tensor) -> list[Image.Image]:
+def decode_latents(components: Components, z: torch.Tensor, step: int | None = None) -> list[Image.Image]:
+    """8-bit frames of latents ``z``; NaN/inf in the decoded tensor is a ``NumericalError``, never a black frame."""
     vae = components.vae
     x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample
+    if not torch.isfinite(x).all():
+        where = f"progression step {step}" if step is not None else "decoding"
+        raise NumericalError(
+            f"{where}: the VAE decoded NaN or infinite pixels (a numerical overflow, typical of an fp16 VAE); "
+            "nothing was written for it. Rerun with --dtype fp32."
+        )
     return [tensor_to_image(x[k : k + 1]) for k in range(x.shape[0])]
+
+
+def _require_finite(z: torch.Tensor, step: int, what: str) -> None:
+    if not torch.isfinite(z).all():
+        raise NumericalError(
+            f"progression step {step} produced NaN or infinite {what} (a numerical overflow); "
+            "nothing was written for it. Rerun with --dtype fp32."
+        )
 
 
 def randn_like(z: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -248,6 +263,7 @@ def _progression_step(
     #    Frame 0's posterior is already known from the preparation: no second encode.
     posterior = prep.posterior0 if n == 1 else encode_posterior(components, _frames_to_tensor(x_prev, device))
     z = sample_latents(components, posterior, generators)
+    _require_finite(z, n, "latents when encoding the previous frame")
     z_t = scheduler.add_noise(z, randn_like(z, generators), ts[:1])
     # 2. One noise tensor per trajectory for the reference latents of every timestep of this step.
     ref_noise = randn_like(prep.z_init, generators)
@@ -276,13 +292,9 @@ def _progression_step(
         weight = config.beta1 * (1 - prep.mask) + config.beta2 * prep.mask
         z_out = prep.z_init + (z_t - prep.z_init) * weight
 
-    if not torch.isfinite(z_out).all():
-        raise NumericalError(
-            f"progression step {n} produced NaN or infinite latents (a numerical overflow); "
-            "nothing was written for it. Rerun with --dtype fp32."
-        )
+    _require_finite(z_out, n, "latents")
     # 5. Decode to 8-bit frames; the next step starts from these rounded images.
-    return decode_latents(components, z_out)
+    return decode_latents(components, z_out, step=n)
 
 
 def _configure(
@@ -307,6 +319,7 @@ def progress_batch(
     generators: list[torch.Generator] | None = None,
     seeds: list[int] | None = None,
     on_denoise: DenoiseCallback | None = None,
+    resume: ResumePoint | None = None,
     **params: Any,
 ) -> Iterator[list[Frame]]:
     """K independent progressions of one image, batched: yields K frames per step.
@@ -314,6 +327,13 @@ def progress_batch(
     Trajectory k uses ``generators[k]`` (or a CPU generator seeded ``seeds[k]``) and equals,
     to float tolerance, a single :func:`progress` run with that generator; every denoising
     step is one UNet call with batch 2K.
+
+    After each yield the generators are exactly where the next step will start drawing, so
+    a caller can save ``g.get_state()`` with the frames. ``resume`` continues such a run: the
+    generators must be freshly seeded as for the original run (the preparation draws again),
+    then they are set to the saved states and the progression goes on from ``resume.step + 1``
+    with the saved frames; on CPU the frames equal an uninterrupted run's bit for bit.
+    Nothing is yielded for the steps already done.
     """
     components, config = _configure(components, config, params)
     if generators is None:
@@ -321,14 +341,32 @@ def progress_batch(
     start = time.perf_counter()
     prep = _prepare(components, image, mask, config, generators)
     seconds = time.perf_counter() - start
-    yield [Frame(0, prep.x0, seconds) for _ in generators]
-
+    first = 1
     frames = [prep.x0] * len(generators)
-    for n in range(1, config.steps + 1):
+    if resume is None:
+        yield [Frame(0, prep.x0, seconds) for _ in generators]
+    else:
+        if len(resume.rng_states) != len(generators) or len(resume.frames) != len(generators):
+            raise ValueError("resume point has a different number of trajectories")
+        for g, state in zip(generators, resume.rng_states, strict=True):
+            g.set_state(state)
+        first = resume.step + 1
+        if resume.step > 0:
+            frames = [f.convert("RGB") for f in resume.frames]
+    for n in range(first, config.steps + 1):
         start = time.perf_counter()
         frames = _progression_step(components, prep, frames, n, config, generators, on_denoise)
         seconds = time.perf_counter() - start
         yield [Frame(n, f, seconds) for f in frames]
+
+
+@dataclass
+class ResumePoint:
+    """Where an interrupted progression stopped: its last whole step, those frames, the RNG states."""
+
+    step: int
+    frames: list[Image.Image]
+    rng_states: list[torch.Tensor]
 
 
 def progress(

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from pie_cli import __version__
 from pie_cli.console import info, result, ui, warn
-from pie_cli.errors import PieError, UserError
+from pie_cli.errors import Interrupted, PieError, UserError
 from pie_cli.parameters import PieConfig
 
 EXAMPLE_PROMPT = "large left pleural effusion"
@@ -54,6 +53,8 @@ class SimulateSpec:
     strength_schedule: str | None = None
     guidance_schedule: str | None = None
     compile: bool = False
+    watermark: bool = False
+    allow_pickle: bool = False
 
     def parameters(self) -> dict[str, Any]:
         keep = [
@@ -74,6 +75,7 @@ class SimulateSpec:
             "strength_schedule",
             "guidance_schedule",
             "compile",
+            "watermark",
         ]
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k in keep}
 
@@ -166,7 +168,15 @@ def load_model(spec: SimulateSpec, inputs: Inputs, display: Any):
     for note in placement.notes:
         warn(note)
     with display.status(f"loading {spec.model}"):
-        components = load(inputs.source, placement, unet=inputs.unet, loras=inputs.adapters, verbose=ui.debug)
+        components = load(
+            inputs.source,
+            placement,
+            unet=inputs.unet,
+            loras=inputs.adapters,
+            verbose=ui.debug,
+            allow_pickle=spec.allow_pickle,
+            warn=warn,
+        )
         if spec.compile or placement.device.type == "cuda":
             tune_for_speed(components, placement, compile_unet=spec.compile)
     return components, placement
@@ -202,8 +212,9 @@ def run(spec: SimulateSpec) -> Path:
     """`pie simulate IMAGE ...`: one case, K trajectories."""
     inputs = check_inputs(spec)
     from pie_cli.progress import ProgressDisplay
+    from pie_cli.signals import terminate_as_interrupt
 
-    with ProgressDisplay(ui.progress) as display:
+    with terminate_as_interrupt(), ProgressDisplay(ui.progress) as display:
         components, placement = load_model(spec, inputs, display)
         check_against_model(spec, inputs, components)
         seconds = run_case(spec, inputs, components, placement, display)
@@ -216,61 +227,117 @@ def run(spec: SimulateSpec) -> Path:
     return spec.out
 
 
-def run_case(spec: SimulateSpec, inputs: Inputs, components: Any, placement: Any, display: Any) -> float:
+@dataclass
+class Resume:
+    """An interrupted run to continue: its last whole step, the frames there and the RNG states."""
+
+    step: int
+    frames: list[Any]  # one PIL image per trajectory
+    rng_states: list[Any]
+    manifests: list[dict[str, Any]]  # [top] or [top, traj_00, ...]
+
+
+def run_case(
+    spec: SimulateSpec,
+    inputs: Inputs,
+    components: Any,
+    placement: Any,
+    display: Any,
+    resume: Resume | None = None,
+) -> float:
     import torch
 
+    from pie_cli.annotate import watermark
     from pie_cli.loading import select_scheduler
-    from pie_cli.progression import fresh_scheduler, progress_batch, step_timesteps
+    from pie_cli.progression import ResumePoint, fresh_scheduler, progress_batch, step_timesteps
     from pie_cli.runs import RunWriter
 
     components = select_scheduler(components, spec.scheduler)
     config = inputs.config
     k = spec.trajectories
     seeds = [spec.seed + j for j in range(k)]
-    probe = fresh_scheduler(components)
-    timesteps = step_timesteps(
-        probe, config.inference_steps, config.strength_at(1), torch.device("cpu")
-    ).tolist()
-    manifest = _manifest(spec, inputs, placement, type(components.scheduler).__name__, timesteps)
-    top = RunWriter(spec.out, manifest)
-    top.open(spec.overwrite)
+    mark = watermark if spec.watermark else None
+    if resume is None:
+        probe = fresh_scheduler(components)
+        timesteps = step_timesteps(
+            probe, config.inference_steps, config.strength_at(1), torch.device("cpu")
+        ).tolist()
+        manifest = _manifest(spec, inputs, placement, type(components.scheduler).__name__, timesteps)
+        top = RunWriter(spec.out, manifest, watermark=mark if k == 1 else None, warn=warn)
+    else:
+        top = RunWriter(spec.out, resume.manifests[0], watermark=mark if k == 1 else None, warn=warn)
     if k == 1:
         writers = [top]
     else:
         writers = []
         for j, s in enumerate(seeds):
-            sub = {**manifest, "parameters": {**manifest["parameters"], "seed": s}, "trajectory": j}
-            writer = RunWriter(spec.out / f"traj_{j:02d}", sub)
-            writer.open(spec.overwrite)
-            writers.append(writer)
+            if resume is None:
+                sub = {
+                    **manifest,
+                    "parameters": {**manifest["parameters"], "seed": s},
+                    "trajectory": j,
+                    "run_id": f"{top.run_id}-{j:02d}",
+                }
+            else:
+                sub = resume.manifests[j + 1]
+            writers.append(RunWriter(spec.out / f"traj_{j:02d}", sub, lock=False, watermark=mark))
         top.manifest["trajectories"] = [f"traj_{j:02d}" for j in range(k)]
-    for writer in writers if k == 1 else [top, *writers]:
-        if inputs.mask is not None:
-            writer.write_mask(inputs.mask)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    history: list[list[Any]] = [[] for _ in range(k)]
-    started = time.perf_counter()
     everyone = [top, *writers] if k > 1 else writers
+    if resume is None:
+        for writer in everyone:
+            writer.open(spec.overwrite)
+        for writer in everyone:
+            if inputs.mask is not None:
+                writer.write_mask(inputs.mask)
+    else:
+        for writer in everyone:
+            writer.reopen(resume.step)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    point = None if resume is None else ResumePoint(resume.step, resume.frames, resume.rng_states)
+    history: list[list[Any]] = [[] for _ in range(k)]
+    if resume is not None:
+        for j, writer in enumerate(writers):
+            history[j] = [_open_frame(writer.clean_frame(n)) for n in range(resume.step + 1)]
+    started = time.perf_counter()
+    last_step = resume.step if resume is not None else -1
     try:
         display.start(spec.steps, "progression")
+        if resume is not None and resume.step > 0:
+            display.advance(resume.step, 0.0)
         for frames in progress_batch(
-            components, inputs.image, inputs.mask, config, generators=generators, on_denoise=display.inner
+            components,
+            inputs.image,
+            inputs.mask,
+            config,
+            generators=generators,
+            on_denoise=display.inner,
+            resume=point,
         ):
+            states = [g.get_state() for g in generators]
             for j, frame in enumerate(frames):
-                writers[j].write_frame(frame.index, frame.image, frame.seconds)
+                writers[j].write_frame(frame.index, frame.image, frame.seconds, [states[j]])
                 history[j].append(frame.image)
+            if k > 1:
+                top.manifest["last_complete_frame"] = frames[0].index
+                top.manifest["rng_states"] = [_encoded(st) for st in states]
+                top._write_manifest()
+            last_step = frames[0].index
             if frames[0].index > 0:
                 display.advance(frames[0].index, frames[0].seconds)
         if spec.gif:
             for writer, frames in zip(writers, history, strict=True):
                 writer.write_gif(frames)
         if k > 1:
-            _write_spread(spec.out, history)
+            _write_spread(spec.out, history, top.run_id)
             top.manifest["outputs"].update({"uncertainty": "uncertainty.png", "mean_final": "mean_final.png"})
     except KeyboardInterrupt:
         for writer in everyone:
             writer.finish("interrupted", total_seconds=round(time.perf_counter() - started, 3))
-        raise
+        done = f"frames 0..{last_step} are kept" if last_step >= 0 else "no frame was finished"
+        raise Interrupted(
+            f"interrupted after progression step {max(last_step, 0)} of {spec.steps}; {done} in {spec.out}. "
+            f"Continue with: pie simulate --resume --out {spec.out}"
+        ) from None
     except Exception as exc:
         for writer in everyone:
             writer.finish(
@@ -285,7 +352,149 @@ def run_case(spec: SimulateSpec, inputs: Inputs, components: Any, placement: Any
     return total
 
 
-def _write_spread(out: Path, history: list[list[Any]]) -> None:
+def _encoded(state: Any) -> str:
+    from pie_cli.runs import encode_state
+
+    return encode_state(state)
+
+
+def _open_frame(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def resume_run(out: Path, base: SimulateSpec) -> Path:
+    """`pie simulate --resume --out DIR`: continue an interrupted or killed run where it stopped."""
+    import json
+
+    from pie_cli.masks import prepare_mask
+    from pie_cli.media import open_image
+    from pie_cli.progress import ProgressDisplay
+    from pie_cli.registry import parse_lora, resolve, resolve_unet_path
+    from pie_cli.runs import MANIFEST, check_not_locked, decode_state, file_sha256, frame_name
+    from pie_cli.signals import terminate_as_interrupt
+
+    out = Path(out)
+    path = out / MANIFEST
+    if not path.is_file():
+        raise UserError(f"--resume: {out} has no {MANIFEST}; there is no pie run to resume there.")
+    try:
+        top = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--resume: {path} is not readable JSON ({exc}).") from None
+    status = top.get("status")
+    if status == "complete":
+        info(f"{out} is already complete; nothing to resume.")
+        result(str(out))
+        return out
+    record, params = top.get("run"), top.get("parameters")
+    if top.get("command") != "simulate" or not isinstance(record, dict) or not isinstance(params, dict):
+        raise UserError(f"--resume: {path} was not written by a resumable pie simulate run.")
+    if "rng_states" not in top or top.get("last_complete_frame") is None:
+        raise UserError(f"--resume: {out} stopped before its first frame was written; start it again.")
+    check_not_locked(out)
+    step = int(top["last_complete_frame"])
+    k = int(params.get("trajectories", 1))
+    subs = [out / f"traj_{j:02d}" for j in range(k)] if k > 1 else [out]
+    manifests = [top]
+    if k > 1:
+        for sub in subs:
+            try:
+                manifests.append(json.loads((sub / MANIFEST).read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                raise UserError(f"--resume: {sub / MANIFEST} is missing or unreadable.") from None
+    frames = []
+    for sub, manifest in zip(subs, manifests[-k:], strict=True):
+        for n in sorted({0, step}):
+            entry = next((f for f in manifest.get("frames", []) if f["index"] == n), None)
+            file = sub / frame_name(n)
+            if entry is None or not file.is_file():
+                raise UserError(f"--resume: {file} is missing; the run cannot be continued.")
+            if entry.get("sha256") and file_sha256(file) != entry["sha256"]:
+                raise UserError(
+                    f"--resume: {file} was changed after pie wrote it; the run cannot be continued exactly."
+                )
+        clean = sub / ".resume" / frame_name(step)
+        frames.append(_open_frame(clean if clean.exists() else sub / frame_name(step)))
+    first = subs[0] / ".resume" / frame_name(0)
+    image = _open_frame(first if first.exists() else subs[0] / frame_name(0))
+
+    spec = replace(
+        base,
+        image=subs[0] / frame_name(0),
+        prompt=params.get("prompt"),
+        mask=out / "mask.png" if (out / "mask.png").is_file() else None,
+        model=record["model"],
+        out=out,
+        steps=int(params["steps"]),
+        strength=float(params["strength"]),
+        guidance_scale=float(params["guidance_scale"]),
+        beta1=float(params["beta1"]),
+        beta2=float(params["beta2"]),
+        inference_steps=int(params["inference_steps"]),
+        scheduler=params["scheduler"],
+        negative_prompt=params.get("negative_prompt", ""),
+        seed=int(params["seed"]),
+        resolution=int(params["resolution"]),
+        device=base.device if base.device != "auto" else record.get("device", "auto"),
+        dtype=base.dtype if base.dtype != "auto" else record.get("dtype", "auto"),
+        unet=Path(record["unet"]) if record.get("unet") else None,
+        lora=tuple(record.get("lora", ())),
+        gif=bool(params.get("gif", True)),
+        overwrite=False,
+        trajectories=k,
+        prompt_schedule=None,
+        strength_schedule=None,
+        guidance_schedule=None,
+        compile=base.compile or bool(record.get("compile")),
+        watermark=bool(params.get("watermark", False)),
+        allow_pickle=base.allow_pickle or bool(record.get("allow_pickle")),
+    )
+    config = PieConfig(
+        prompt=params.get("prompt") or (params.get("prompts") or [""])[0],
+        negative_prompt=spec.negative_prompt,
+        steps=spec.steps,
+        strength=spec.strength,
+        guidance_scale=spec.guidance_scale,
+        beta1=spec.beta1,
+        beta2=spec.beta2,
+        inference_steps=spec.inference_steps,
+        resolution=spec.resolution,
+        prompt_schedule=tuple(params.get("prompts") or ()),
+        strength_schedule=tuple(params.get("strengths") or ()),
+        guidance_schedule=tuple(params.get("guidance_scales") or ()),
+    )
+    mask = None
+    if spec.mask is not None:
+        mask = prepare_mask(open_image(spec.mask, "mask"), image.size, spec.resolution, spec.mask)
+    inputs = Inputs(
+        config,
+        image,
+        mask,
+        resolve(spec.model),
+        resolve_unet_path(spec.unet) if spec.unet else None,
+        tuple(parse_lora(s) for s in spec.lora),
+    )
+    states = [decode_state(t) for t in top["rng_states"]]
+    if len(states) != k:
+        raise UserError(f"--resume: {path} has {len(states)} generator states for {k} trajectories.")
+    point = Resume(step, frames, states, manifests)
+    info(f"resuming {out} after step {step} of {spec.steps} (status was {status})")
+    with terminate_as_interrupt(), ProgressDisplay(ui.progress) as display:
+        components, placement = load_model(spec, inputs, display)
+        check_against_model(spec, inputs, components)
+        seconds = run_case(spec, inputs, components, placement, display, resume=point)
+    info(f"pie: steps {step + 1}..{spec.steps} in {seconds:.1f} s -> {out}")
+    result(str(out))
+    return out
+
+
+def _write_spread(out: Path, history: list[list[Any]], run_id: str | None = None) -> None:
     """uncertainty.png (per-pixel std of the last frames, a heat map over frame 0) and mean_final.png."""
     import numpy as np
     from PIL import Image
@@ -295,7 +504,9 @@ def _write_spread(out: Path, history: list[list[Any]]) -> None:
 
     last = np.stack([np.asarray(frames[-1].convert("RGB"), dtype=np.float64) for frames in history])
     save_png(
-        Image.fromarray(np.round(last.mean(axis=0)).astype(np.uint8), mode="RGB"), out / "mean_final.png"
+        Image.fromarray(np.round(last.mean(axis=0)).astype(np.uint8), mode="RGB"),
+        out / "mean_final.png",
+        run_id,
     )
     std = last.std(axis=0).mean(axis=2)
     scale = max(float(std.max()), 1e-9)
@@ -303,7 +514,7 @@ def _write_spread(out: Path, history: list[list[Any]]) -> None:
     alpha = (0.15 + 0.75 * std / scale)[..., None]
     base = np.asarray(history[0][0].convert("RGB"), dtype=np.float64)
     overlay = base * (1 - alpha) + heat * alpha
-    save_png(Image.fromarray(np.round(overlay).astype(np.uint8), mode="RGB"), out / "uncertainty.png")
+    save_png(Image.fromarray(np.round(overlay).astype(np.uint8), mode="RGB"), out / "uncertainty.png", run_id)
 
 
 # --------------------------------------------------------------------------- cohorts
@@ -340,9 +551,11 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
             plans.append((case, spec, check_inputs(spec), "pending"))
         except UserError as exc:
             raise UserError(f"--cohort {cohort} row {case.row}: {exc}") from None
+    from pie_cli.signals import terminate_as_interrupt
+
     rows = []
     failures = 0
-    with ProgressDisplay(ui.progress) as display:
+    with terminate_as_interrupt(), ProgressDisplay(ui.progress) as display:
         components = placement = None
         for case, spec, inputs, status in plans:
             if inputs is None:
@@ -424,22 +637,33 @@ def _manifest(
         parameters["strengths"] = list(inputs.config.strength_schedule)
     if inputs.config.guidance_schedule:
         parameters["guidance_scales"] = list(inputs.config.guidance_schedule)
+    # No input paths or command line: file and folder names often carry patient names or IDs.
+    # The inputs are identified by content hash and pixel geometry only.
     return {
         "pie_version": __version__,
         "command": "simulate",
-        "argv": sys.argv[1:],
+        "synthetic": True,
         "parameters": parameters,
         "model": model,
+        "run": {
+            "model": spec.model,
+            "unet": str(spec.unet) if spec.unet else None,
+            "lora": list(spec.lora),
+            "device": spec.device,
+            "dtype": spec.dtype,
+            "compile": spec.compile,
+            "allow_pickle": spec.allow_pickle,
+        },
         "scheduler": {
             "class": scheduler_class,
             "timesteps": timesteps,
             "unet_calls_per_step": len(timesteps),
         },
         "inputs": {
-            "image": str(spec.image),
             "image_sha256": _sha256(spec.image),
             "image_size": list(inputs.image.size),
-            "mask": str(spec.mask) if spec.mask else None,
+            "image_mode": inputs.image.mode,
+            "mask": spec.mask is not None,
             "mask_sha256": _sha256(spec.mask) if spec.mask else None,
         },
         "placement": placement.describe(),

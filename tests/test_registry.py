@@ -196,7 +196,8 @@ def test_pickle_only_weights_are_refused(cli, tiny_model, inputs, tmp_path):
     )
     assert result.exit_code == 2
     assert (
-        "has only pickle weights (diffusion_pytorch_model.bin); pie loads safetensors only" in result.stderr
+        "has only pickle weights (diffusion_pytorch_model.bin), which can run code when opened; "
+        "convert them to .safetensors, or pass --allow-pickle if you trust the file." in result.stderr
     )
     assert not (tmp_path / "o").exists()
 

@@ -125,7 +125,7 @@ def test_no_mask_and_no_gif(cli, inputs, tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES - {"mask.png", "progression.gif"}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["inputs"]["mask"] is None and "gif" not in manifest["outputs"]
+    assert manifest["inputs"]["mask"] is False and "gif" not in manifest["outputs"]
 
 
 def test_quiet_prints_only_the_run_directory(cli, inputs, tiny_model, tmp_path):

@@ -135,11 +135,29 @@ def simulate(
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet (slow start, faster steps).")
     ] = False,
+    watermark: Annotated[
+        bool,
+        typer.Option("--watermark", help='Burn a small "SYNTHETIC" label into the corner of every frame.'),
+    ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle", help="Also load .bin/.ckpt pickle weights (they can run code: trusted files only)."
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted or killed run in --out where it stopped (bit-identical on CPU).",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Simulate disease progression: frames in which the finding of PROMPT appears and grows inside MASK."""
-    from pie_cli.simulate_runner import SimulateSpec, run, run_cohort
+    from pie_cli.errors import UserError
+    from pie_cli.simulate_runner import SimulateSpec, resume_run, run, run_cohort
 
     spec = SimulateSpec(
         image=image,
@@ -168,8 +186,18 @@ def simulate(
         strength_schedule=strength_schedule,
         guidance_schedule=guidance_schedule,
         compile=compile_unet,
+        watermark=watermark,
+        allow_pickle=allow_pickle,
     )
-    if cohort is not None:
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out DIR, the run directory to continue.")
+        if image is not None or cohort is not None or overwrite:
+            raise UserError(
+                "--resume continues --out DIR with its own settings; drop IMAGE, --cohort and --overwrite."
+            )
+        resume_run(out, spec)
+    elif cohort is not None:
         run_cohort(cohort, spec)
     else:
         run(spec)
