@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -13,7 +14,7 @@ import typer
 
 from pie_cli import __version__
 from pie_cli.console import info, result, ui, warn
-from pie_cli.errors import UserError
+from pie_cli.errors import Interrupted, UserError
 from pie_cli.options import DebugOpt
 from pie_cli.training.config import OPTION_NAMES, TrainSpec, merge, read_yaml, write_yaml
 
@@ -249,8 +250,14 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def _resolve_resume(resume: str, out: Path | None) -> tuple[Path, Path]:
-    """(checkpoint folder, run directory) for --resume latest|PATH."""
-    from pie_cli.training.loop import latest_checkpoint
+    """(checkpoint folder, run directory) for --resume latest|PATH: always a complete checkpoint."""
+    from pie_cli.training.loop import (
+        COMPLETE,
+        checkpoint_step,
+        incomplete_checkpoints,
+        is_complete,
+        latest_checkpoint,
+    )
 
     if resume == "latest":
         if out is None:
@@ -258,12 +265,20 @@ def _resolve_resume(resume: str, out: Path | None) -> tuple[Path, Path]:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
             raise UserError(
-                f"--resume latest: {out} has no checkpoint (checkpoints/step_*) to continue from."
+                f"--resume latest: {out} has no complete checkpoint (checkpoints/step_*) to continue from."
             )
+        last = checkpoint_step(checkpoint) or 0
+        for broken in (p for p in incomplete_checkpoints(out) if (checkpoint_step(p) or 0) > last):
+            info(f"skipping {broken}: an incomplete checkpoint (the run stopped while saving it).")
         return checkpoint, out
     checkpoint = Path(resume)
     if not checkpoint.is_dir():
         raise UserError(f"--resume {resume} is not a checkpoint folder.")
+    if not is_complete(checkpoint):
+        raise UserError(
+            f"--resume {resume} is not a complete checkpoint (no {COMPLETE}: the run stopped while "
+            "saving it); use --resume latest or an earlier checkpoint."
+        )
     return checkpoint, out or checkpoint.parent.parent
 
 
@@ -383,7 +398,7 @@ def _train(
 
     from pie_cli.loading import quiet_libraries
     from pie_cli.media import write_text
-    from pie_cli.training.loop import SUMMARY, Trainer
+    from pie_cli.training.loop import SUMMARY, Trainer, remove_leftovers
 
     main = PartialState().is_main_process
     if not main:
@@ -397,6 +412,7 @@ def _train(
                 elif target.exists():
                     target.unlink()
         out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)  # temporary files and half-saved checkpoints of a killed run
         write_yaml(spec, out / CONFIG_FILE)
     summary: dict[str, Any] = {
         "pie_version": __version__,
@@ -417,13 +433,13 @@ def _train(
     save_summary()
     trainer = Trainer(spec, source, data, prior, out, display, info)
     try:
-        with quiet_libraries(ui.debug):
+        with trainer.signals, quiet_libraries(ui.debug):  # SIGINT/SIGTERM: stop at a step, checkpointed
             with display.status(f"loading {spec.model}"):
                 trainer.setup()
             trained = trainer.run(checkpoint)
-    except KeyboardInterrupt:
-        save_summary(status="interrupted", step=trainer.state.step if hasattr(trainer, "state") else 0)
-        raise
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, trainer, out, main, save_summary)
+        raise Interrupted("interrupted.") from None
     except Exception as exc:
         save_summary(
             status="failed",
@@ -440,3 +456,40 @@ def _train(
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     return trained
+
+
+def _interrupted(exc: KeyboardInterrupt, trainer: Any, out: Path, main: bool, save_summary: Any) -> None:
+    """Record and explain an interrupt: where training stopped and how to continue it."""
+    import signal
+
+    from pie_cli.training.loop import TrainingInterrupted, latest_checkpoint
+
+    step = trainer.state.step if hasattr(trainer, "state") else 0
+    total = getattr(trainer, "total_steps", None)
+    signum = trainer.signals.received
+    by = signal.Signals(signum).name if signum else None
+    at = f"step {step}" + (f" of {total}" if total else "")
+    how = f" by {by}" if by else ""
+    checkpoint = latest_checkpoint(out)
+    save_summary(
+        status="interrupted",
+        step=step,
+        signal=by,
+        checkpoint=str(checkpoint) if checkpoint else None,
+    )
+    if not main:
+        return
+    if isinstance(exc, TrainingInterrupted):
+        note = f"finetune: stopped{how} at {at}; saved checkpoint {exc.checkpoint}."
+    elif checkpoint is not None:
+        note = (
+            f"finetune: interrupted{how} at {at}; the last complete checkpoint is {checkpoint} "
+            "(the steps after it will be trained again)."
+        )
+    else:
+        note = f"finetune: interrupted{how} at {at}, before the first checkpoint."
+    if checkpoint is not None:
+        note += f" Continue with: pie finetune --out {shlex.quote(str(out))} --resume latest"
+    else:
+        note += " Start over with --overwrite."
+    raise Interrupted(note) from None

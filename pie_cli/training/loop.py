@@ -4,14 +4,26 @@ Reproducibility: every random draw of the loop (posterior samples, noise, timest
 from one CPU ``torch.Generator`` that is checkpointed with the weights, the optimizer, the
 LR scheduler and accelerate's RNG states; the data order and augmentations are seeded by
 (seed, epoch, example). So weights after 2 steps + resume + 2 steps equal 4 straight steps.
+
+Surviving kills: a checkpoint is written into a hidden ``.step_N.tmp`` folder, completed by a
+marker file and only then renamed to ``step_N``, so a run killed at any moment (even SIGKILL
+while saving) leaves every ``step_*`` folder either complete or without its marker, and
+``latest_checkpoint`` only ever picks a complete one. SIGINT and SIGTERM during the step loop
+stop training after the current optimizer step with a checkpoint of that step (see
+``StopSignals``); a NaN/inf loss or non-finite weights stop it before anything is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pie_cli.console import ui
 from pie_cli.errors import NumericalError
 from pie_cli.registry import ModelSource
 from pie_cli.training.config import TEXT_LORA_TARGETS, TrainSpec
@@ -35,6 +48,7 @@ from pie_cli.training.lora import (
 )
 
 CHECKPOINTS = "checkpoints"
+COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint folder without it is incomplete
 SAMPLES = "samples"
 METRICS = "metrics.csv"
 SUMMARY = "training_summary.json"
@@ -64,9 +78,145 @@ class LoopState:
         self.generator.set_state(state["generator"])
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the loop at an optimizer step, with a checkpoint of that step."""
+
+    def __init__(self, step: int, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.step = step
+        self.checkpoint = checkpoint
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while training, installed for that time and restored after.
+
+    Outside the step loop (loading, caching latents, final save) a signal interrupts at once,
+    as KeyboardInterrupt. Inside it (``deferring``) the first one is only recorded: the loop
+    finishes its optimizer step, saves a checkpoint of it and raises ``TrainingInterrupted``,
+    so a resume continues exactly there. A second signal interrupts at once; the last complete
+    checkpoint stays. A signal the process inherited as ignored (a background job of a
+    non-interactive shell, nohup) stays ignored.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.deferring = False
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is None or previous == signal.SIG_IGN:
+                    continue
+                self._previous[sig] = previous
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        self.deferring = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data worker, before it ignores SIGINT: the main decides
+            return
+        if self.deferring and self.received is None:
+            self.received = signum
+            if not ui.quiet:  # a raw write: safe inside a signal handler
+                again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
+                name = signal.Signals(signum).name
+                note = (
+                    f"\n{name}: stopping after this step and saving a checkpoint ({again} to stop at once).\n"
+                )
+                with contextlib.suppress(OSError):
+                    os.write(2, note.encode())
+            return
+        self.received = self.received or signum
+        raise KeyboardInterrupt
+
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a ``step_N`` checkpoint folder (None for anything else)."""
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def _step_dirs(out: Path) -> list[Path]:
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return found[-1] if found else None
+    """The newest complete checkpoint of the run in ``out`` (incomplete folders are skipped)."""
+    complete = [p for p in _step_dirs(out) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def incomplete_checkpoints(out: Path) -> list[Path]:
+    """``step_*`` folders without their completion marker: what a kill while saving leaves."""
+    return [p for p in _step_dirs(out) if not is_complete(p)]
+
+
+# Temporary names pie writes in a run directory (atomic writes); a killed run can leave them.
+_LEFTOVER = re.compile(
+    r"\.(metrics\.csv|training_summary\.json|training_config\.yaml|unet|text_encoder)(\.\d+)?\.tmp|\.lora-.*"
+)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what a killed run left half-written: temporary files and checkpoint folders."""
+    places = [(out, _LEFTOVER), (out / CHECKPOINTS, re.compile(r"\.step_\d+\.tmp"))]
+    for folder, pattern in places:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if pattern.fullmatch(path.name):
+                _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        (path / COMPLETE).unlink(missing_ok=True)  # first: a folder half-removed is never "complete"
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a checkpoint's files and its folder to disk before a rename publishes it."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        _fsync(path)
+    _fsync(folder)
 
 
 def _isolated(batches):
@@ -84,6 +234,12 @@ def _isolated(batches):
             except StopIteration:
                 return
         yield batch
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Data workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker that
+    quit on it would fail the main process's next fetch before its step is checkpointed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _precision_dtype(spec: TrainSpec) -> torch.dtype:
@@ -108,6 +264,7 @@ class Trainer:
         self.out = out
         self.display = display
         self.log = log  # callable(str) for notes on stderr
+        self.signals = StopSignals()  # the caller installs it around setup() and run()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -205,6 +362,7 @@ class Trainer:
             sampler=self.sampler,
             collate_fn=collate,
             num_workers=spec.num_workers,
+            worker_init_fn=_ignore_interrupts if spec.num_workers else None,
             drop_last=False,
         )
         self.cache = self._cache_latents() if spec.cache_latents else None
@@ -350,11 +508,17 @@ class Trainer:
         for model in self.trainables:
             model.train()
         self.display.start(self.total_steps, "finetune", completed=step)
+        self.signals.deferring = True
         try:
             while step < self.total_steps:
                 self.train_dataset.epoch = epoch
                 self.sampler.set_epoch(epoch)
                 batches = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+                if hasattr(batches, "set_epoch"):
+                    # accelerate's loader sets the sampler's epoch to its own pass counter when
+                    # iterated, and that counter restarts at 0 in a resumed run (or a skipping
+                    # loader): without this a resume past an epoch replays epoch 0's order.
+                    batches.set_epoch(epoch)
                 skip = 0
                 for batch in _isolated(batches):
                     with acc.accumulate(*self.trainables):
@@ -391,8 +555,12 @@ class Trainer:
                         every=max(1, self.total_steps // 20),
                     )
                     step_started = now
+                    saved = None
                     if step % spec.checkpoint_every == 0 or step == self.total_steps:
-                        self.checkpoint(step)
+                        saved = self.checkpoint(step)
+                    if self._stop_requested():
+                        saved = saved or self.checkpoint(step)
+                        raise TrainingInterrupted(step, saved, self.signals.received or signal.SIGINT)
                     if spec.validation_every and (
                         step % spec.validation_every == 0 or step == self.total_steps
                     ):
@@ -401,37 +569,95 @@ class Trainer:
                         break
                 epoch += 1
         finally:
+            self.signals.deferring = False
             if acc.is_main_process and self._metrics_file:
                 self._metrics_file.close()
         acc.wait_for_everyone()
         weights = self.save_final()
         return TrainResult(step, time.perf_counter() - started, last_loss, weights)
 
+    def _stop_requested(self) -> bool:
+        """A SIGINT/SIGTERM arrived (on any process: all of them stop at the same step)."""
+        requested = self.signals.received is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(requested)], device=self.accelerator.device)
+            requested = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        return requested
+
     def _open_metrics(self, step: int):
+        """metrics.csv with the rows up to ``step`` (a resumed run replaces the ones after it)."""
         self._metrics_file = None
         if not self.accelerator.is_main_process:
             return None
         path = self.out / METRICS
+        header = ["step", "loss", "lr", "seconds"]
         kept: list[list[str]] = []
         if path.exists() and step > 0:
             with open(path, newline="") as fh:
                 kept = [row for row in csv.reader(fh)][1:]
-            kept = [row for row in kept if row and int(row[0]) <= step]
-        self._metrics_file = open(path, "w", newline="")  # noqa: SIM115 - written through the loop, closed after it
-        writer = csv.writer(self._metrics_file)
-        writer.writerow(["step", "loss", "lr", "seconds"])
-        writer.writerows(kept)
-        return writer
+            # A row cut short by a kill is dropped, as are the steps after the checkpoint.
+            kept = [
+                row for row in kept if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step
+            ]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as fh:  # rewritten beside, then swapped: never half a history
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(kept)
+        os.replace(tmp, path)
+        self._metrics_file = open(path, "a", newline="")  # noqa: SIM115 - written through the loop, closed after it
+        return csv.writer(self._metrics_file)
 
     # ------------------------------------------------------------------ outputs
+    def _check_finite(self, step: int) -> None:
+        """Refuse to save weights that hold NaN/inf (a checkpoint must be one worth resuming)."""
+        if not self.params:
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()
+        if not bool(finite):
+            good = latest_checkpoint(self.out)
+            raise NumericalError(
+                f"the trained weights became NaN/inf at step {step}; stopped without saving them. "
+                f"Last good checkpoint: {good or 'none'}. Try a lower --lr or --mixed-precision no."
+            )
+
     def checkpoint(self, step: int) -> Path:
+        """checkpoints/step_N, published complete or not at all (write beside, mark, rename)."""
+        acc = self.accelerator
+        self._check_finite(step)
         path = self.out / CHECKPOINTS / f"step_{step:06d}"
-        self.accelerator.save_state(str(path))
-        if self.accelerator.is_main_process:
-            found = sorted((self.out / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-            for old in found[: -self.spec.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            marker = {
+                "step": step,
+                "total_steps": self.total_steps,
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            (tmp / COMPLETE).write_text(json.dumps(marker) + "\n")
+            _fsync_tree(tmp)
+            if path.exists():  # an older save of this step (resumed from an earlier one) or a broken one
+                _remove(path)
+            os.rename(tmp, path)
+            _fsync(path.parent)  # the rename itself
+            self._prune(step)
+        acc.wait_for_everyone()
         return path
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest --keep-checkpoints complete checkpoints; drop broken ones before ``step``."""
+        dirs = _step_dirs(self.out)
+        complete = [p for p in dirs if is_complete(p)]
+        for old in complete[: -self.spec.keep_checkpoints]:
+            _remove(old)
+        for broken in (p for p in dirs if not is_complete(p)):
+            if (checkpoint_step(broken) or 0) < step:
+                _remove(broken)
 
     def _inference_components(self):
         from pie_cli.progression import Components
@@ -502,6 +728,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         acc = self.accelerator
+        self._check_finite(self.state.step)
         if not acc.is_main_process:
             return self.out
         unet = acc.unwrap_model(self.unet)
@@ -534,4 +761,15 @@ class Trainer:
         return self.out / "unet"
 
 
-__all__ = ["LORA_FILE", "Trainer", "TrainResult", "latest_checkpoint"]
+__all__ = [
+    "COMPLETE",
+    "LORA_FILE",
+    "StopSignals",
+    "Trainer",
+    "TrainResult",
+    "TrainingInterrupted",
+    "incomplete_checkpoints",
+    "is_complete",
+    "latest_checkpoint",
+    "remove_leftovers",
+]

@@ -1,0 +1,366 @@
+"""`pie finetune` survives SIGKILL, SIGTERM, Ctrl-C and NaNs.
+
+Real child processes (``python -m pie_cli finetune``) are killed or signalled mid-training;
+``--resume latest`` then has to give bit-identical weights and the same loss log as one
+uninterrupted run with the same seed and settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_finetune import colour_folder
+
+MAX_STEPS = 6  # 4 images, batches of 2: an epoch every 2 steps, so resumes cross epochs
+COMMON = (
+    "--resolution",
+    "32",
+    "--batch-size",
+    "2",
+    "--num-workers",
+    "0",
+    "--max-steps",
+    str(MAX_STEPS),
+    "--checkpoint-every",
+    "2",
+    "--lr",
+    "1e-2",
+    "--lr-scheduler",
+    "cosine",
+    "--rank",
+    "4",
+    "--seed",
+    "3",
+)
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+# ---------------------------------------------------------------------------- helpers
+def rows(out: Path) -> list[tuple[int, str, str]]:
+    """(step, loss, lr) of metrics.csv: everything but the wall-clock seconds."""
+    path = out / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        found = list(csv.reader(fh))[1:]
+    return [(int(r[0]), r[1], r[2]) for r in found if len(r) == 4 and r[0].isdigit()]
+
+
+def last_step(out: Path) -> int:
+    found = rows(out)
+    return found[-1][0] if found else 0
+
+
+def checkpoints(out: Path) -> list[str]:
+    root = out / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Half-written things: temporary files/folders, checkpoint folders without their marker."""
+    from pie_cli.training.loop import incomplete_checkpoints
+
+    temporary = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".lora-")]
+    return temporary + incomplete_checkpoints(out)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
+    assert wa and wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} of {len(wa)} tensors differ, e.g. {different[:2]}"
+
+
+@pytest.fixture(scope="module")
+def _cache() -> dict:
+    return {}
+
+
+@pytest.fixture
+def straight(cli, tiny_model, tmp_path_factory, _cache) -> dict:
+    """One uninterrupted run (made once): its data folder and run directory."""
+    if not _cache:
+        root = tmp_path_factory.mktemp("straight")
+        data = colour_folder(root / "data", n=4)
+        out = root / "run"
+        result = cli("finetune", "--data", data, "--model", tiny_model, "--out", out, *COMMON)
+        assert result.exit_code == 0, result.output
+        assert len(rows(out)) == MAX_STEPS
+        _cache.update(data=data, out=out)
+    return _cache
+
+
+@contextmanager
+def _sigint_not_ignored():
+    """A child inherits an ignored SIGINT (pytest started as a background job) and Python then
+    keeps ignoring it; a handled one is reset to the default by exec, as from a terminal."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Child:
+    """``python -m pie_cli finetune ...`` in a child process with the test's environment."""
+
+    def __init__(self, tmp_path: Path, args: list, **popen) -> None:
+        self.stderr_path = tmp_path / "child.stderr"
+        with (
+            open(self.stderr_path, "w") as err,
+            open(tmp_path / "child.stdout", "w") as out,
+            _sigint_not_ignored(),
+        ):
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pie_cli", "finetune", *map(str, args)],
+                env=os.environ.copy(),  # PIE_HOME, HF_HOME, offline: set by conftest
+                stdout=out,
+                stderr=err,
+                **popen,
+            )
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def wait_until(self, condition, what: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"finetune exited ({self.proc.returncode}) before {what}:\n{self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout} s:\n{self.stderr}")
+            time.sleep(0.01)
+
+    def wait(self, timeout: float = 240) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def child(tmp_path):
+    started: list[Child] = []
+
+    def start(args: list, **popen) -> Child:
+        started.append(Child(tmp_path, args, **popen))
+        return started[-1]
+
+    yield start
+    for c in started:
+        c.close()
+
+
+def past_a_checkpoint(out: Path):
+    """True once a complete checkpoint exists and training went on beyond it."""
+    from pie_cli.training.loop import checkpoint_step, latest_checkpoint
+
+    def check() -> bool:
+        good = latest_checkpoint(out)
+        return good is not None and last_step(out) > (checkpoint_step(good) or 0)
+
+    return check
+
+
+def resume_and_compare(cli, out: Path, straight: dict, *extra: str):
+    from pie_cli.training.loop import checkpoint_step, latest_checkpoint
+
+    start = checkpoint_step(latest_checkpoint(out))
+    result = cli("finetune", "--out", out, "--resume", "latest", *extra)
+    assert result.exit_code == 0, result.output
+    assert f"resumed from {out / 'checkpoints' / f'step_{start:06d}'} at step {start}" in result.stderr
+    assert_same_weights(straight["out"], out)
+    expected = rows(straight["out"])
+    assert [r for r in rows(out) if r[0] > start] == [r for r in expected if r[0] > start]
+    assert rows(out) == expected
+    assert not leftovers(out)
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["step"] == MAX_STEPS
+    return result
+
+
+# ---------------------------------------------------------------------------- SIGKILL
+def test_sigkill_then_resume_latest_is_bit_identical(cli, child, straight, tiny_model, tmp_path):
+    from pie_cli.training.loop import COMPLETE, checkpoint_step, is_complete, latest_checkpoint
+
+    out = tmp_path / "run"
+    run = child(["--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON])
+    run.wait_until(past_a_checkpoint(out), "a checkpoint followed by more steps")
+    run.proc.send_signal(signal.SIGKILL)  # no handler, no cleanup
+    assert run.wait() == -signal.SIGKILL
+    good = latest_checkpoint(out)
+    assert good is not None and is_complete(good)
+    step = checkpoint_step(good)
+    assert 2 <= step < last_step(out) and not (out / WEIGHTS).exists()
+
+    # What a kill *while saving* leaves: by an older pie, step_N itself with a truncated file and
+    # no marker; by this one, a temporary folder; and a temporary file of an atomic write.
+    broken = out / "checkpoints" / f"step_{step + 2:06d}"
+    broken.mkdir(exist_ok=True)
+    for f in good.iterdir():
+        if f.name != COMPLETE:
+            (broken / f.name).write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    (broken / COMPLETE).unlink(missing_ok=True)
+    half = out / "checkpoints" / f".step_{step + 4:06d}.tmp"
+    half.mkdir(exist_ok=True)
+    (half / "optimizer.bin").write_bytes(b"\0" * 10)
+    (out / ".training_summary.json.99999.tmp").write_text("{")
+    assert latest_checkpoint(out) == good  # the broken, newer step_N is not "latest"
+
+    result = resume_and_compare(cli, out, straight)
+    assert f"skipping {broken}: an incomplete checkpoint" in result.stderr
+    assert (broken / COMPLETE).is_file()  # replaced by the resumed run's complete save of that step
+    assert checkpoints(out) == [f"step_{s:06d}" for s in (2, 4, 6)]
+
+
+def test_resume_from_an_incomplete_checkpoint_path_is_refused(cli, straight, tmp_path):
+    import shutil
+
+    from pie_cli.training.loop import COMPLETE
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight["out"], out)
+    target = out / "checkpoints" / "step_000006"
+    (target / COMPLETE).unlink()
+    result = cli("finetune", "--resume", target)
+    assert result.exit_code == 2
+    assert "is not a complete checkpoint" in result.stderr and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------- SIGTERM / Ctrl-C
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_bit_identical(
+    cli, child, straight, tiny_model, tmp_path, how
+):
+    from pie_cli.training.loop import checkpoint_step, is_complete, latest_checkpoint
+
+    out = tmp_path / "run"
+    args = ["--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON]
+    if how == "SIGTERM":  # e.g. `kill PID`, a scheduler's preemption
+        run = child(args)
+        name = "SIGTERM"
+    else:  # a terminal's Ctrl-C: SIGINT to the whole process group, data worker included
+        run = child([*args, "--num-workers", "1"], start_new_session=True)
+        name = "SIGINT"
+    run.wait_until(past_a_checkpoint(out), "a checkpoint followed by more steps")
+    if how == "SIGTERM":
+        run.proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(run.proc.pid, signal.SIGINT)
+    assert run.wait() == 130
+    stderr = run.stderr
+    assert "Traceback" not in stderr, stderr
+    # the loop finished its step and saved it: nothing to redo on resume
+    step = last_step(out)
+    good = latest_checkpoint(out)
+    assert good is not None and is_complete(good) and checkpoint_step(good) == step < MAX_STEPS
+    assert f"stopped by {name} at step {step} of {MAX_STEPS}; saved checkpoint {good}." in stderr
+    assert f"Continue with: pie finetune --out {out} --resume latest" in stderr
+    assert stderr.count("Error: ") == 1 and "Error: interrupted." not in stderr
+    assert stderr.count(f"{name}: stopping after this step") == 1  # not repeated by the data worker
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert (summary["status"], summary["step"], summary["signal"]) == ("interrupted", step, name)
+    assert not (out / WEIGHTS).exists() and not leftovers(out)
+
+    resume_and_compare(cli, out, straight, *(["--num-workers", "0"] if how == "Ctrl-C" else []))
+
+
+def test_signals_in_process_stop_exactly_where_sent_and_resume_is_bit_identical(
+    cli, straight, tiny_model, tmp_path, monkeypatch
+):
+    """Deterministic: one SIGTERM while step 3 is computed stops after step 3 with its own
+    checkpoint (resume mid-epoch); two SIGINTs while step 5 is computed interrupt at once, and
+    the resume redoes step 5 from checkpoint 4 (an epoch boundary)."""
+    from pie_cli.training import loop
+
+    real_loss = loop.Trainer.loss
+    send = {}  # state.step (steps done) -> signals to send while computing the next step
+
+    def loss_and_signals(self, batch):
+        for sig in send.pop(self.state.step, ()):
+            os.kill(os.getpid(), sig)
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "loss", loss_and_signals)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints"
+
+    send[2] = [signal.SIGTERM]
+    result = cli("finetune", "--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON)
+    assert result.exit_code == 130
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+    assert f"stopped by SIGTERM at step 3 of {MAX_STEPS}; saved checkpoint {checkpoint / 'step_000003'}." in (
+        result.stderr
+    )
+    assert last_step(out) == 3 and checkpoints(out) == ["step_000002", "step_000003"]
+
+    send[4] = [signal.SIGINT, signal.SIGINT]
+    result = cli("finetune", "--out", out, "--resume", "latest")
+    assert result.exit_code == 130
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert (
+        f"interrupted by SIGINT at step 4 of {MAX_STEPS}; the last complete checkpoint is "
+        f"{checkpoint / 'step_000004'} (the steps after it will be trained again)." in result.stderr
+    )
+    assert f"Continue with: pie finetune --out {out} --resume latest" in result.stderr
+    assert checkpoints(out) == ["step_000002", "step_000003", "step_000004"] and not leftovers(out)
+
+    resume_and_compare(cli, out, straight)
+
+
+# ---------------------------------------------------------------------------- NaN
+@pytest.mark.parametrize("what", ["loss", "weights"])
+def test_nan_stops_with_exit_1_and_keeps_the_last_good_checkpoint(
+    cli, straight, tiny_model, tmp_path, monkeypatch, what
+):
+    from pie_cli.training import loop
+
+    real_loss = loop.Trainer.loss
+
+    def poisoned(self, batch):
+        loss = real_loss(self, batch)
+        if self.state.step == 2:  # computing step 3, after the checkpoint of step 2
+            if what == "loss":
+                return loss * float("nan")
+            with torch.no_grad():
+                self.params[0].view(-1)[0] = float("inf")  # a finite loss, broken weights
+        return loss
+
+    monkeypatch.setattr(loop.Trainer, "loss", poisoned)
+    out = tmp_path / "run"
+    args = [*COMMON, "--checkpoint-every", "1"]
+    result = cli("finetune", "--data", straight["data"], "--model", tiny_model, "--out", out, *args)
+    assert result.exit_code == 1, result.output
+    good = out / "checkpoints" / "step_000002"
+    message = {
+        "loss": "the training loss became nan at step 3",
+        "weights": "the trained weights became NaN/inf at step 3",
+    }[what]
+    assert message in result.stderr and f"Last good checkpoint: {good}." in result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.output
+    assert checkpoints(out) == ["step_000001", "step_000002"] and not leftovers(out)
+    state = load_file(good / "unet_lora.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert not (out / WEIGHTS).exists()  # no final weights claiming a finished run
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["status"] == "failed" and message in summary["error"]
+    assert rows(out) == rows(straight["out"])[: 2 if what == "loss" else 3]
