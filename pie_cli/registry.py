@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,28 @@ def load_user_models() -> dict[str, UserModel]:
         return {name: UserModel(**entry) for name, entry in data.get("models", {}).items()}
     except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise UserError(f"model registry {path} is not valid ({exc}); fix or delete it.") from None
+
+
+@contextmanager
+def edit_user_models() -> Iterator[dict[str, UserModel]]:
+    """Read, change and write the registry under a cross-process lock.
+
+    Two `pie models add` at once (a cluster array job) must not lose either entry: the
+    read-modify-write runs under ``models.json.lock`` and the write itself is atomic.
+    """
+    from filelock import FileLock, Timeout
+
+    path = user_models_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(path) + ".lock", timeout=60):
+            models = load_user_models()
+            yield models
+            save_user_models(models)
+    except Timeout:
+        raise UserError(
+            f"model registry {path} stayed locked for 60 s by another pie process; retry."
+        ) from None
 
 
 def save_user_models(models: dict[str, UserModel]) -> None:

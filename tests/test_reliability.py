@@ -358,3 +358,18 @@ def test_nan_in_decoded_frames_stops_the_run_without_writing_black(
     m = manifest(out)
     assert m["status"] == "failed" and m["last_complete_frame"] == 1
     assert torch.isfinite(torch.tensor(frames_of(out)[1], dtype=torch.float32)).all()
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_concurrent_models_add_keeps_every_alias(tiny_model):
+    from pie_cli.registry import load_user_models, user_models_file
+
+    procs = [child("models", "add", f"cxr{i}", tiny_model) for i in range(6)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    assert sorted(load_user_models()) == [f"cxr{i}" for i in range(6)]
+    assert json.loads(user_models_file().read_text())["version"] == 1
+    leftovers = [p.name for p in user_models_file().parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []

@@ -122,9 +122,9 @@ def add(
         REPO_ID,
         UserModel,
         classify_target,
+        edit_user_models,
         load_user_models,
         resolve,
-        save_user_models,
     )
 
     if not ALIAS_NAME.match(name):
@@ -160,8 +160,10 @@ def add(
         status, where = _status(target)
         if status != "ok":
             warn(f"{where}")
-    models[name] = UserModel(target=stored, kind=kind, base=base, weight=weight)
-    save_user_models(models)
+    with edit_user_models() as current:  # locked: a concurrent add of another alias is kept
+        if name in current and name not in models and not force:
+            raise UserError(f"alias {name} was just added by another process; pass --force to replace it.")
+        current[name] = UserModel(target=stored, kind=kind, base=base, weight=weight)
     info(f"added {name} -> {stored} ({kind}{', on ' + base if base else ''})")
 
 
@@ -185,15 +187,14 @@ def remove(
     debug: DebugOpt = False,
 ) -> None:
     """Remove a user alias (the files it points to stay where they are)."""
-    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, load_user_models, save_user_models
+    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, edit_user_models
 
     if name in BUILTIN_ALIASES or name in BUILTIN_LOCAL:
         raise UserError(f"alias {name} is built in and cannot be removed.")
-    models = load_user_models()
-    if name not in models:
-        raise UserError(f"no user alias named {name} (see `pie models list`).")
-    del models[name]
-    save_user_models(models)
+    with edit_user_models() as models:
+        if name not in models:
+            raise UserError(f"no user alias named {name} (see `pie models list`).")
+        del models[name]
     info(f"removed {name}")
 
 
