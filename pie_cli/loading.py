@@ -58,7 +58,7 @@ def quiet_libraries(verbose: bool = False):
         transformers.utils.logging.set_verbosity(levels[1])
 
 
-def _require_safetensors(folder: Path, what: str, allow_pickle: bool = False, warn=None) -> bool:
+def require_safetensors(folder: Path, what: str, allow_pickle: bool = False, warn=None) -> bool:
     """True when ``folder`` has safetensors weights; pickle-only weights need ``allow_pickle``."""
     safe, pickle = weight_files(folder)
     if safe:
@@ -123,11 +123,11 @@ def _load(
     root = source.path
     unet_dir = unet_path or (root / "unet")
     safe = {
-        "unet": _require_safetensors(
+        "unet": require_safetensors(
             unet_dir, "UNet" if unet_path else f"model {source.reference}: unet", allow_pickle, warn
         ),
-        "vae": _require_safetensors(root / "vae", f"model {source.reference}: vae", allow_pickle, warn),
-        "text_encoder": _require_safetensors(
+        "vae": require_safetensors(root / "vae", f"model {source.reference}: vae", allow_pickle, warn),
+        "text_encoder": require_safetensors(
             root / "text_encoder", f"model {source.reference}: text_encoder", allow_pickle, warn
         ),
     }

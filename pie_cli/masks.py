@@ -13,6 +13,7 @@ from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.media import MASK_RESAMPLE, fit_square
+from pie_cli.options import MIN_IMAGE_SIDE
 
 
 def mask_to_grey(img: Image.Image, path: Path | str = "mask") -> Image.Image:
@@ -80,6 +81,15 @@ def require_nonempty(
     cropped = original.size != mask.size and np.asarray(mask_to_grey(original, path)).max(initial=0) > 0
     where = f" inside the centre crop used at --resolution {resolution}" if cropped else ""
     raise UserError(f"mask {path} is empty (no white pixels{where}); white marks the region to edit.")
+
+
+def require_image_size(img: Image.Image, path: Path | str, what: str = "image") -> None:
+    """Refuse an image too small to hold anything (a 1x1 "image" would be stretched to R x R)."""
+    w, h = img.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise UserError(
+            f"{what} {path} is {w}x{h} pixels; pie needs at least {MIN_IMAGE_SIDE} pixels on each side."
+        )
 
 
 def latent_mask(mask: Image.Image | np.ndarray, factor: int) -> np.ndarray:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from pie_cli.errors import UserError
+
 
 class Dtype(str, Enum):
     auto = "auto"
@@ -67,3 +69,17 @@ ResolutionOpt = Annotated[
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+# Working resolutions above this are refused up front (a 4096 x 4096 mask already needs a few GB of
+# numpy temporaries; a typo like 51200 would otherwise end in an out-of-memory error).
+MAX_RESOLUTION = 4096
+# The smallest image side pie accepts: one 8 x 8 latent cell of Stable Diffusion's VAE.
+MIN_IMAGE_SIDE = 8
+
+
+def check_resolution(resolution: int, option: str = "--resolution") -> None:
+    """A working resolution: a multiple of 8 in [8, MAX_RESOLUTION], or a ``UserError`` naming the option."""
+    if resolution < 8 or resolution % 8:
+        raise UserError(f"{option} must be a positive multiple of 8, got {resolution}.")
+    if resolution > MAX_RESOLUTION:
+        raise UserError(f"{option} must be at most {MAX_RESOLUTION}, got {resolution}.")

@@ -373,3 +373,34 @@ def test_concurrent_models_add_keeps_every_alias(tiny_model):
     assert json.loads(user_models_file().read_text())["version"] == 1
     leftovers = [p.name for p in user_models_file().parent.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_finetune_refuses_a_pickle_base_model_before_writing_anything(cli, tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model, model)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), model / "vae" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    assert cli("demo", "data", "--out", tmp_path / "data", "-n", "4").exit_code == 0
+    train = [
+        "finetune",
+        "--data",
+        tmp_path / "data",
+        "--model",
+        model,
+        "--max-steps",
+        "1",
+        "--resolution",
+        "64",
+    ]
+    train += ["--batch-size", "2", "--num-workers", "0"]
+    result = cli(*train, "--out", tmp_path / "refused")
+    assert result.exit_code == 2 and "or pass --allow-pickle if you trust the file." in result.stderr
+    assert not (tmp_path / "refused").exists()
+    result = cli(*train, "--out", tmp_path / "trained", "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert "loading pickle weights" in result.stderr
+    assert (tmp_path / "trained" / "pytorch_lora_weights.safetensors").is_file()

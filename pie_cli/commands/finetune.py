@@ -233,6 +233,12 @@ def finetune(
     validation_mask: Annotated[
         str | None, typer.Option("--validation-mask", show_default=False, help="Its mask.")
     ] = D.validation_mask,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle", help="Also load a base model's .bin/.ckpt pickle weights (trusted files only)."
+        ),
+    ] = D.allow_pickle,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune Stable Diffusion on report-image pairs: LoRA adapters or the full UNet, on accelerate."""
@@ -320,6 +326,11 @@ def run(
     source = resolve(spec.model)
     if source.loras:
         raise UserError(f"--model {spec.model} carries LoRA adapters; fine-tune from its base model instead.")
+    from pie_cli.loading import require_safetensors
+
+    for part in ("unet", "vae", "text_encoder"):  # pickle-only weights refused before anything is written
+        folder = (source.unet or source.path / "unet") if part == "unet" else source.path / part
+        require_safetensors(folder, f"model {source.reference}: {part}", allow_pickle=spec.allow_pickle)
     data = load_data(spec)
     prior = class_records(spec) if spec.class_data else None
     if spec.validation_image:

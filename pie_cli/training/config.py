@@ -42,6 +42,7 @@ class TrainSpec:
     max_samples: int | None = None
     # model and method
     model: str = "sd-v1-5"
+    allow_pickle: bool = False  # load .bin/.ckpt weights of the base model (they can run code)
     out: str | None = None
     method: str = "lora"
     rank: int = 8

@@ -273,6 +273,9 @@ class Trainer:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from pie_cli.console import warn
+        from pie_cli.loading import require_safetensors
+
         spec = self.spec
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=spec.grad_accum,
@@ -281,12 +284,21 @@ class Trainer:
         )
         set_seed(spec.seed)  # LoRA initialisation and dropout: the same run for the same seed
         root = self.source.path
-        common = {"local_files_only": True, "use_safetensors": True}
-        self.tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
-        self.text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **common)
-        self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **common)
         unet_dir = self.source.unet or (root / "unet")
-        self.unet = UNet2DConditionModel.from_pretrained(unet_dir, **common)
+        ref = self.source.reference
+
+        def common(folder: Path, what: str) -> dict:
+            safe = require_safetensors(folder, what, spec.allow_pickle, warn)
+            return {"local_files_only": True, "use_safetensors": safe}
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        self.text_encoder = CLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", **common(root / "text_encoder", f"model {ref}: text_encoder")
+        )
+        self.vae = AutoencoderKL.from_pretrained(
+            root, subfolder="vae", **common(root / "vae", f"model {ref}: vae")
+        )
+        self.unet = UNet2DConditionModel.from_pretrained(unet_dir, **common(unet_dir, f"model {ref}: unet"))
         self.noise_scheduler = DDPMScheduler.from_pretrained(
             root, subfolder="scheduler", local_files_only=True
         )
