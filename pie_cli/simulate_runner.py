@@ -370,14 +370,33 @@ def _open_frame(path: Path) -> Any:
 
 def resume_run(out: Path, base: SimulateSpec) -> Path:
     """`pie simulate --resume --out DIR`: continue an interrupted or killed run where it stopped."""
+    from pie_cli.progress import ProgressDisplay
+    from pie_cli.signals import terminate_as_interrupt
+
+    plan = plan_resume(out, base)
+    if plan is None:
+        info(f"{out} is already complete; nothing to resume.")
+        result(str(out))
+        return out
+    spec, inputs, point = plan
+    info(f"resuming {out} after step {point.step} of {spec.steps}")
+    with terminate_as_interrupt(), ProgressDisplay(ui.progress) as display:
+        components, placement = load_model(spec, inputs, display)
+        check_against_model(spec, inputs, components)
+        seconds = run_case(spec, inputs, components, placement, display, resume=point)
+    info(f"pie: steps {point.step + 1}..{spec.steps} in {seconds:.1f} s -> {out}")
+    result(str(out))
+    return out
+
+
+def plan_resume(out: Path, base: SimulateSpec) -> tuple[SimulateSpec, Inputs, Resume] | None:
+    """What continuing the run in ``out`` needs (checked, nothing loaded); None when it is complete."""
     import json
 
     from pie_cli.masks import prepare_mask
     from pie_cli.media import open_image
-    from pie_cli.progress import ProgressDisplay
     from pie_cli.registry import parse_lora, resolve, resolve_unet_path
     from pie_cli.runs import MANIFEST, check_not_locked, decode_state, file_sha256, frame_name
-    from pie_cli.signals import terminate_as_interrupt
 
     out = Path(out)
     path = out / MANIFEST
@@ -387,11 +406,8 @@ def resume_run(out: Path, base: SimulateSpec) -> Path:
         top = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"--resume: {path} is not readable JSON ({exc}).") from None
-    status = top.get("status")
-    if status == "complete":
-        info(f"{out} is already complete; nothing to resume.")
-        result(str(out))
-        return out
+    if top.get("status") == "complete":
+        return None
     record, params = top.get("run"), top.get("parameters")
     if top.get("command") != "simulate" or not isinstance(record, dict) or not isinstance(params, dict):
         raise UserError(f"--resume: {path} was not written by a resumable pie simulate run.")
@@ -483,15 +499,7 @@ def resume_run(out: Path, base: SimulateSpec) -> Path:
     states = [decode_state(t) for t in top["rng_states"]]
     if len(states) != k:
         raise UserError(f"--resume: {path} has {len(states)} generator states for {k} trajectories.")
-    point = Resume(step, frames, states, manifests)
-    info(f"resuming {out} after step {step} of {spec.steps} (status was {status})")
-    with terminate_as_interrupt(), ProgressDisplay(ui.progress) as display:
-        components, placement = load_model(spec, inputs, display)
-        check_against_model(spec, inputs, components)
-        seconds = run_case(spec, inputs, components, placement, display, resume=point)
-    info(f"pie: steps {step + 1}..{spec.steps} in {seconds:.1f} s -> {out}")
-    result(str(out))
-    return out
+    return spec, inputs, Resume(step, frames, states, manifests)
 
 
 def _write_spread(out: Path, history: list[list[Any]], run_id: str | None = None) -> None:
@@ -531,7 +539,7 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
         raise UserError("give an IMAGE or --cohort, not both.")
     cases = read_cohort(cohort)
     rank, world = process_rank()
-    plans: list[tuple[Any, SimulateSpec, Inputs | None, str]] = []
+    plans: list[tuple[Any, SimulateSpec, Inputs | None, str, Resume | None]] = []
     for case in split(cases, rank, world):
         values = dict(case.values)
         values.setdefault("seed", base.seed + case.index)
@@ -545,10 +553,20 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
                 status = None
         spec = replace(base, out=out, overwrite=base.overwrite or status is not None, **values)
         if status == "complete" and not base.overwrite:
-            plans.append((case, spec, None, "skipped (complete)"))
+            plans.append((case, spec, None, "skipped (complete)", None))
             continue
+        if status in ("interrupted", "running") and not base.overwrite:
+            # A case stopped by Ctrl-C, SIGTERM or a kill goes on from its last whole frame.
+            try:
+                plan = plan_resume(out, replace(spec, overwrite=False))
+            except UserError as exc:
+                warn(f"cohort case {case.name} cannot be resumed ({exc}); running it again.")
+                plan = None
+            if plan is not None:
+                plans.append((case, plan[0], plan[1], "resumed", plan[2]))
+                continue
         try:
-            plans.append((case, spec, check_inputs(spec), "pending"))
+            plans.append((case, spec, check_inputs(spec), "pending", None))
         except UserError as exc:
             raise UserError(f"--cohort {cohort} row {case.row}: {exc}") from None
     from pie_cli.signals import terminate_as_interrupt
@@ -557,7 +575,7 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
     failures = 0
     with terminate_as_interrupt(), ProgressDisplay(ui.progress) as display:
         components = placement = None
-        for case, spec, inputs, status in plans:
+        for index, (case, spec, inputs, status, point) in enumerate(plans):
             if inputs is None:
                 rows.append([case.name, status, 0.0, str(spec.out)])
                 continue
@@ -565,8 +583,17 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
                 components, placement = load_model(spec, inputs, display)
             try:
                 check_against_model(spec, inputs, components)
-                seconds = run_case(spec, inputs, components, placement, display)
+                seconds = run_case(spec, inputs, components, placement, display, resume=point)
                 rows.append([case.name, "complete", round(seconds, 3), str(spec.out)])
+            except Interrupted:
+                rows.append([case.name, "interrupted", 0.0, str(spec.out)])
+                rows += [[c.name, "not started", 0.0, str(sp.out)] for c, sp, *_ in plans[index + 1 :]]
+                if world == 1:  # other processes may still be running: no rendezvous now
+                    _write_summary(base.out, rows, rank, world)
+                raise Interrupted(
+                    f"interrupted during cohort case {case.name}; its whole frames are kept. Rerun the same "
+                    "command to go on: complete cases are skipped, interrupted ones resumed."
+                ) from None
             except UserError as exc:
                 failures += 1
                 rows.append([case.name, f"failed: {exc}", 0.0, str(spec.out)])

@@ -404,3 +404,42 @@ def test_finetune_refuses_a_pickle_base_model_before_writing_anything(cli, tiny_
     assert result.exit_code == 0, result.output
     assert "loading pickle weights" in result.stderr
     assert (tmp_path / "trained" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_an_interrupted_cohort_goes_on_where_it_stopped(cli, tiny_model, inputs, tmp_path, monkeypatch):
+    import csv
+
+    from pie_cli.runs import RunWriter
+
+    cohort = tmp_path / "cases.csv"
+    with open(cohort, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "mask", "prompt", "out"])
+        writer.writerow([inputs["image"], inputs["mask"], "small effusion", "a"])
+        writer.writerow([inputs["image"], inputs["mask"], "large effusion", "b"])
+    run = ["simulate", "--cohort", cohort, "--model", tiny_model, "--steps", "3", *FAST]
+    assert cli(*run, "--out", tmp_path / "whole").exit_code == 0
+
+    original = RunWriter.write_frame
+
+    def write_frame(self, n, *a, **k):
+        original(self, n, *a, **k)
+        if self.path.name == "b" and n == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(RunWriter, "write_frame", write_frame)
+        result = cli(*run, "--out", out)
+    assert result.exit_code == 130
+    assert "interrupted during cohort case b" in result.stderr and "Rerun the same command" in result.stderr
+    with open(out / "cohort_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["complete", "interrupted"]
+    result = cli(*run, "--out", out)
+    assert result.exit_code == 0, result.output
+    with open(out / "cohort_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["skipped (complete)", "complete"]
+    assert manifest(out / "b")["resumed"][0]["after_step"] == 1
+    for case in ("a", "b"):
+        got, want = frames_of(out / case), frames_of(tmp_path / "whole" / case)
+        assert len(got) == 4 and all(np.array_equal(x, y) for x, y in zip(got, want, strict=True))
