@@ -61,8 +61,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
-            if ui.debug:
-                raise
+            if ui.debug or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
+                raise  # a closed stdout (`pie ... | head`): Typer exits quietly
             message = environment_fault(exc, kwargs)
             if message is not None:
                 error(message)

@@ -12,8 +12,10 @@ for (Pillow's own writer merges identical consecutive frames).
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import GifImagePlugin, Image
 
 from pie_cli.annotate import OUTLINE_RGB, abs_diff, draw_caption, draw_outline, heat_panel, hstack
+from pie_cli.boundary import writing
 from pie_cli.errors import UserError
 from pie_cli.media import atomic_path, open_image, provenance, save_png
 
@@ -65,11 +68,14 @@ def collect(inputs: Sequence[Path]) -> tuple[list[SourceFrame], Path | None]:
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found = sorted(
-                (int(m.group(1)), p)
-                for p in item.iterdir()
-                if (m := FRAME_FILE.match(p.name)) and p.is_file()
-            )
+            try:
+                found = sorted(
+                    (int(m.group(1)), p)
+                    for p in item.iterdir()
+                    if (m := FRAME_FILE.match(p.name)) and p.is_file()
+                )
+            except PermissionError:
+                raise UserError(f"{item} is not readable (check its permissions).") from None
             if not found:
                 raise UserError(f"{item} has no frame_NNN.png files (is it a `pie simulate` run directory?).")
             frames.extend(SourceFrame(i, p) for i, p in found)
@@ -122,13 +128,26 @@ def durations(length: int, turn: int, duration_ms: int, hold_last_ms: int) -> li
     return out
 
 
+MAX_CAPTION = 500  # characters drawn on a frame
+
+
 def caption_text(template: str, index: int, last: int, name: str) -> str:
+    problem = None
     try:
-        return template.format(i=index, n=last, name=name)
-    except (KeyError, IndexError, ValueError) as exc:
+        for _, _, spec, _ in string.Formatter().parse(template):
+            if spec and (re.search(r"\d{4,}", spec) or "{" in spec):
+                problem = f"the format {spec!r} is too wide or nested"
+        text = template.format(i=index, n=last, name=name) if problem is None else ""
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if problem is None and len(text) > MAX_CAPTION:
+        problem = f"it makes a caption of {len(text)} characters, more than {MAX_CAPTION}"
+    if problem is not None:
+        shown = template if len(template) <= 60 else template[:57] + "..."
         raise UserError(
-            f"--caption {template!r} is not a valid template ({exc}); use {{i}} (step), {{n}} (last step), {{name}}."
+            f"--caption {shown!r} is not a valid template ({problem}); use {{i}} (step), {{n}} (last step), {{name}}."
         ) from None
+    return text
 
 
 def compose(
@@ -359,13 +378,51 @@ def write(
     times = durations(
         len(frames), len(frames) - 1 if turn is None else turn, options.duration_ms, options.hold_last_ms
     )
-    if suffix == ".gif":
-        write_gif(frames, path, times, options.loop, run_id)
-    elif suffix == ".webp":
-        write_webp(frames, path, times, options.loop, options.lossless, options.quality, run_id)
-    elif suffix == ".png":
-        write_grid(frames, path, options.columns, run_id)
-    elif suffix == ".mp4":
-        write_mp4(frames, path, times, run_id)
-    else:
-        raise UserError(f"--out {path}: unknown format {suffix or '(none)'!r}; use {', '.join(FORMATS)}.")
+    with writing(path):  # a full disk names the file (write errors carry no file name)
+        if suffix == ".gif":
+            write_gif(frames, path, times, options.loop, run_id)
+        elif suffix == ".webp":
+            write_webp(frames, path, times, options.loop, options.lossless, options.quality, run_id)
+        elif suffix == ".png":
+            write_grid(frames, path, options.columns, run_id)
+        elif suffix == ".mp4":
+            write_mp4(frames, path, times, run_id)
+        else:
+            raise UserError(f"--out {path}: unknown format {suffix or '(none)'!r}; use {', '.join(FORMATS)}.")
+
+
+def write_together(outputs: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write several files as one: each ``write(tmp)`` to a temporary name beside its file, then all renamed.
+
+    A failure before the renames (a bad value, a full disk) leaves no new file and every
+    existing one as it was; an OSError names the file it happened on.
+    """
+    temporaries: list[Path] = []
+    try:
+        for path, write_one in outputs:
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporaries.append(tmp)
+            with writing(path):
+                write_one(tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        for (path, _), tmp in zip(outputs, temporaries, strict=True):
+            with writing(path):
+                os.replace(tmp, path)
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+
+
+def png_writer(img: Image.Image, run_id: str | None = None) -> Callable[[Path], None]:
+    """For :func:`write_together`: save ``img`` as a PNG with pie's provenance (like ``media.save_png``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in provenance(run_id).items():
+        info.add_text(key, value)
+    return lambda tmp: img.save(tmp, format="PNG", pnginfo=info)

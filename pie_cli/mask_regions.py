@@ -21,6 +21,7 @@ from pie_cli.media import MASK_RESAMPLE, fit_square, prepare_image, square_geome
 from pie_cli.morphology import (
     component_sizes,
     dilate,
+    distance_within,
     erode,
     feather,
     fill_holes,
@@ -224,16 +225,26 @@ def build_mask(
                 f"--auto {kind} {exc}; draw the region with --box/--ellipse/--polygon instead."
             ) from None
 
+    # No two pixels are further apart than the diagonal: larger radii give the same result, slower.
+    reach = int(np.ceil(r * np.sqrt(2))) + 1
     if spec.dilate:
-        region = dilate(region, spec.dilate)
+        region = dilate(region, min(spec.dilate, reach))
     if spec.erode:
-        region = erode(region, spec.erode)
+        region = erode(region, min(spec.erode, reach))
     if spec.fill_holes:
         region = fill_holes(region)
-    values = feather(region, spec.feather) if spec.feather else region.astype(np.float64)
+    values = _feather(region, spec.feather, reach) if spec.feather else region.astype(np.float64)
     if spec.invert:
         values = 1.0 - values
     return np.round(values * 255.0).astype(np.uint8), notes
+
+
+def _feather(region: np.ndarray, radius: int, reach: int) -> np.ndarray:
+    """``morphology.feather`` for any radius: depths never exceed ``reach``, so only that band is measured."""
+    if radius <= reach:
+        return feather(region, radius)
+    depth = distance_within(~region, reach)
+    return np.where(region, np.minimum(depth / radius, 1.0), 0.0)
 
 
 def preview(image: Image.Image, mask: np.ndarray, resolution: int) -> Image.Image:

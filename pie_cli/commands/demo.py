@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pie_cli.boundary import guarded
+from pie_cli.boundary import guarded, writing
 from pie_cli.console import info, result
 from pie_cli.errors import UserError
 from pie_cli.options import DebugOpt, OverwriteOpt
@@ -33,11 +37,46 @@ def _parse_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+MAX_SIZE = 1024  # phantoms are drawn 4x supersampled: 1024 px already takes a few hundred MB
+MAX_SEED = 2**63
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to write into it anyway.")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK):
+        raise UserError(f"--out {out} cannot be created: {ancestor} is not writable.")
+
+
+def _check_numbers(size: int, seed: int) -> None:
+    if size < 16 or size % 8 or size > MAX_SIZE:
+        raise UserError(f"--size must be a multiple of 8 from 16 to {MAX_SIZE}, got {size}.")
+    if not 0 <= seed < MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2^63), got {seed}.")
+
+
+@contextmanager
+def _tidy(out: Path) -> Iterator[None]:
+    """On failure, leave ``out`` as it was found: removed if this command made it, emptied if it was empty."""
+    created = not out.exists()
+    was_empty = out.is_dir() and not any(out.iterdir())
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        elif was_empty and out.is_dir():
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise
 
 
 @demo_app.command("data", no_args_is_help=True)
@@ -69,12 +108,11 @@ def data(
     kinds = _parse_kinds(findings)
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}.")
-    if size < 16 or size % 8:
-        raise UserError(f"--size must be a multiple of 8 and at least 16, got {size}.")
+    _check_numbers(size, seed)
     _check_out(out, overwrite)
     from pie_cli.console import ui
 
-    with ProgressDisplay(ui.progress) as display:
+    with _tidy(out), writing(out), ProgressDisplay(ui.progress) as display:
         display.start(n, "phantoms")
         write_dataset(
             out,
@@ -108,10 +146,10 @@ def case(
     """Write one healthy phantom with its lung masks: the input of the offline demo."""
     from pie_cli.demo.data import write_case
 
-    if size < 16 or size % 8:
-        raise UserError(f"--size must be a multiple of 8 and at least 16, got {size}.")
+    _check_numbers(size, seed)
     _check_out(out, overwrite)
-    paths = write_case(out, seed, size)
+    with _tidy(out), writing(out):
+        paths = write_case(out, seed, size)
     info(
         f"demo case: healthy phantom {paths['image']}, lung masks {paths['left'].name} (patient's left = image "
         f"right) and {paths['right'].name}"

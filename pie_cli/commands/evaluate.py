@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -61,10 +62,12 @@ def evaluate(
     from pie_cli import export
     from pie_cli.evaluation import frame_metrics, rows, summarise
     from pie_cli.masks import mask_to_grey
-    from pie_cli.media import open_image, save_png, write_text
+    from pie_cli.media import open_image
 
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR {run_dir} is not a directory.")
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"RUN_DIR {run_dir} is not writable; evaluate writes its metrics and report there.")
     sources, mask_path = export.collect([run_dir])
     frames = export.load(sources)
     mask = None
@@ -75,13 +78,11 @@ def evaluate(
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but the frames are "
                 f"{frames[0].width}x{frames[0].height}."
             )
-    prompt = None
-    manifest_path = run_dir / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            prompt = json.loads(manifest_path.read_text()).get("parameters", {}).get("prompt")
-        except json.JSONDecodeError:
-            raise UserError(f"{manifest_path} is not valid JSON.") from None
+        if not mask.any():
+            raise UserError(
+                f"mask {mask_path} is empty (no pixel of 128 or more); there is no inside to measure change in."
+            )
+    prompt = _prompt(run_dir / "manifest.json")
     if clip is not None and not clip.is_dir():
         raise UserError(f"--clip {clip} is not a folder.")
 
@@ -116,15 +117,23 @@ def evaluate(
         "summary": summary,
         "frames": rows(metrics),
     }
-    write_text(run_dir / METRICS_JSON, json.dumps(data, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows(metrics)[0]))
     writer.writeheader()
     writer.writerows(rows(metrics))
-    write_text(run_dir / METRICS_CSV, buffer.getvalue())
     from pie_cli.report import render
 
-    save_png(render(frames, metrics, f"{run_dir.name}: {prompt or ''}", label), run_dir / REPORT)
+    report = render(frames, metrics, f"{run_dir.name}: {prompt or ''}", label)
+    table = buffer.getvalue()
+    text = json.dumps(data, indent=2) + "\n"
+    # All three or none: a full disk must not leave new metrics beside an old report.
+    export.write_together(
+        [
+            (run_dir / METRICS_JSON, lambda tmp: tmp.write_text(text, encoding="utf-8")),
+            (run_dir / METRICS_CSV, lambda tmp: tmp.write_text(table, encoding="utf-8")),
+            (run_dir / REPORT, export.png_writer(report)),
+        ]
+    )
 
     if as_json:
         result(json.dumps(data, indent=2))
@@ -141,6 +150,21 @@ def evaluate(
             f"outside the mask: PSNR >= {summary['min_psnr_outside']:.1f} dB, SSIM >= {summary['min_ssim_outside']:.3f}"
         )
     info(f"evaluate: {run_dir / METRICS_JSON}, {run_dir / METRICS_CSV}, {run_dir / REPORT}")
+
+
+def _prompt(manifest_path: Path) -> str | None:
+    """The run's prompt from its manifest.json (None without one), or a ``UserError`` naming the file."""
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{manifest_path} is not valid JSON.") from None
+    parameters = manifest.get("parameters", {}) if isinstance(manifest, dict) else None
+    prompt = parameters.get("prompt") if isinstance(parameters, dict) else None
+    if not isinstance(parameters, dict) or not (prompt is None or isinstance(prompt, str)):
+        raise UserError(f"{manifest_path} is not a pie manifest (no parameters.prompt text).")
+    return prompt
 
 
 def _table(metrics, label: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,11 @@ import typer
 from pie_cli.console import info, result, warn
 from pie_cli.errors import UserError
 from pie_cli.options import DebugOpt, OverwriteOpt
+
+# GIF stores a delay in 16 bits of 10 ms and a loop count in 16 bits (WebP: the same loop field).
+MAX_DELAY_MS = 655_350
+MAX_LOOP = 65_535
+MAX_WIDTH = 16_384  # --resize
 
 
 def export_gif(
@@ -85,20 +91,26 @@ def export_gif(
         raise UserError(
             f"--out {out_path}: unknown format {suffix or '(none)'!r}; use {', '.join(export.FORMATS)}."
         )
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a directory; name the file to write.")
     if out_path.exists() and not overwrite:
         raise UserError(f"--out {out_path} already exists; pass --overwrite to replace it.")
     if not out_path.parent.is_dir():
         raise UserError(f"--out {out_path}: directory {out_path.parent} does not exist.")
-    for name, value, low in (
-        ("--duration-ms", duration_ms, 1),
-        ("--hold-last-ms", hold_last_ms, 0),
-        ("--loop", loop, 0),
-        ("--every", every, 1),
-        ("--resize", resize, 1),
-        ("--columns", columns, 1),
+    if not os.access(out_path.parent, os.W_OK):
+        raise UserError(f"--out {out_path}: directory {out_path.parent} is not writable.")
+    for name, value, low, high in (
+        ("--duration-ms", duration_ms, 1, MAX_DELAY_MS),
+        ("--hold-last-ms", hold_last_ms, 0, MAX_DELAY_MS),
+        ("--loop", loop, 0, MAX_LOOP),
+        ("--every", every, 1, None),
+        ("--resize", resize, 1, MAX_WIDTH),
+        ("--columns", columns, 1, None),
     ):
         if value is not None and value < low:
             raise UserError(f"{name} must be at least {low}, got {value}.")
+        if value is not None and high is not None and value > high:
+            raise UserError(f"{name} must be at most {high}, got {value}.")
     if suffix == ".mp4":
         try:
             import av  # noqa: F401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,7 @@ from typer.core import TyperGroup
 from pie_cli.boundary import guarded
 from pie_cli.console import info, out, result, warn
 from pie_cli.errors import UserError
-from pie_cli.options import DebugOpt, JsonOpt, OverwriteOpt, ResolutionOpt
+from pie_cli.options import DebugOpt, JsonOpt, OverwriteOpt, ResolutionOpt, check_resolution
 
 
 class _MakeByDefault(TyperGroup):
@@ -121,8 +122,8 @@ def make(
     """Make a mask for IMAGE in `pie simulate`'s geometry: regions are united, then dilate, erode, fill, feather, invert."""
     from pie_cli.auto_masks import AUTO_CHOICES
     from pie_cli.mask_regions import MaskSpec, build_mask
-    from pie_cli.masks import mask_to_grey
-    from pie_cli.media import open_image, save_png
+    from pie_cli.masks import mask_to_grey, require_image_size
+    from pie_cli.media import open_image
 
     spec = MaskSpec(
         resolution=resolution,
@@ -149,8 +150,7 @@ def make(
     for kind in spec.auto:
         if kind not in AUTO_CHOICES:
             raise UserError(f"--auto {kind!r} is not one of {', '.join(AUTO_CHOICES)}.")
-    if resolution < 8 or resolution % 8:
-        raise UserError(f"--resolution must be a positive multiple of 8, got {resolution}.")
+    check_resolution(resolution)
     for name, value in (("--dilate", dilate), ("--erode", erode), ("--feather", feather)):
         if value < 0:
             raise UserError(f"{name} must be >= 0 pixels, got {value}.")
@@ -158,17 +158,24 @@ def make(
         raise UserError(f"--keep-largest must be at least 1, got {keep_largest}.")
     if not 0 < level <= 1:
         raise UserError(f"--level must be in (0, 1], got {level:g}.")
+    if preview is not None and preview.resolve() == out_path.resolve():
+        raise UserError(f"--preview {preview} is the same file as --out; give it another name.")
     for path, what in ((out_path, "--out"), (preview, "--preview")):
         if path is None:
             continue
         if path.suffix.lower() != ".png":
             raise UserError(f"{what} {path} must be a .png file (masks are stored losslessly).")
+        if path.is_dir():
+            raise UserError(f"{what} {path} is a directory; name the file to write.")
         if path.exists() and not overwrite:
             raise UserError(f"{what} {path} already exists; pass --overwrite to replace it.")
         if not path.parent.is_dir():
             raise UserError(f"{what} {path}: directory {path.parent} does not exist.")
+        if not os.access(path.parent, os.W_OK):
+            raise UserError(f"{what} {path}: directory {path.parent} is not writable.")
 
     img = open_image(image, "image")
+    require_image_size(img, image)
     from_images = {p: open_image(p, "--from mask") for p in spec.from_masks}
     for p, m in from_images.items():
         mask_to_grey(m, p)  # mode errors now, before any work
@@ -182,11 +189,14 @@ def make(
         )
     from PIL import Image
 
+    from pie_cli.export import png_writer, write_together
     from pie_cli.mask_regions import preview as render_preview
 
-    save_png(Image.fromarray(mask, mode="L"), out_path)
+    pictures = [(out_path, Image.fromarray(mask, mode="L"))]
     if preview is not None:
-        save_png(render_preview(img, mask, resolution), preview)
+        pictures.append((preview, render_preview(img, mask, resolution)))
+    # Both files or neither: a failure writing the preview must not leave a new mask behind.
+    write_together([(path, png_writer(picture)) for path, picture in pictures])
     coverage = 100.0 * (mask > 0).mean()
     info(
         f"mask: {resolution}x{resolution}, {coverage:.1f}% of pixels{', soft edge' if feather else ''} -> {out_path}"
@@ -209,6 +219,7 @@ def mask_info(
     from pie_cli.mask_regions import describe
     from pie_cli.media import open_image
 
+    check_resolution(resolution)
     img = open_image(image, "image") if image is not None else None
     data = describe(open_image(mask, "mask"), mask, img, resolution)
     if as_json:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pie_cli.boundary import guarded
+from pie_cli.boundary import guarded, writing
 from pie_cli.console import info, out, result, warn
 from pie_cli.errors import UserError
 from pie_cli.options import DebugOpt, JsonOpt
@@ -125,6 +126,7 @@ def add(
         edit_user_models,
         load_user_models,
         resolve,
+        user_models_file,
     )
 
     if not ALIAS_NAME.match(name):
@@ -133,6 +135,8 @@ def add(
         )
     if name in BUILTIN_ALIASES or name in BUILTIN_LOCAL:
         raise UserError(f"alias {name} is built in; choose another name.")
+    if not math.isfinite(weight):
+        raise UserError(f"--weight must be a finite number, got {weight:g}.")
     models = load_user_models()
     if name in models and not force:
         raise UserError(f"alias {name} already exists ({models[name].target}); pass --force to replace it.")
@@ -160,7 +164,7 @@ def add(
         status, where = _status(target)
         if status != "ok":
             warn(f"{where}")
-    with edit_user_models() as current:  # locked: a concurrent add of another alias is kept
+    with writing(user_models_file()), edit_user_models() as current:  # locked: a concurrent add is kept
         if name in current and name not in models and not force:
             raise UserError(f"alias {name} was just added by another process; pass --force to replace it.")
         current[name] = UserModel(target=stored, kind=kind, base=base, weight=weight)
@@ -187,11 +191,11 @@ def remove(
     debug: DebugOpt = False,
 ) -> None:
     """Remove a user alias (the files it points to stay where they are)."""
-    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, edit_user_models
+    from pie_cli.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, edit_user_models, user_models_file
 
     if name in BUILTIN_ALIASES or name in BUILTIN_LOCAL:
         raise UserError(f"alias {name} is built in and cannot be removed.")
-    with edit_user_models() as models:
+    with writing(user_models_file()), edit_user_models() as models:
         if name not in models:
             raise UserError(f"no user alias named {name} (see `pie models list`).")
         del models[name]

@@ -142,7 +142,8 @@ def simulate(
     allow_pickle: Annotated[
         bool,
         typer.Option(
-            "--allow-pickle", help="Also load .bin/.ckpt pickle weights (they can run code: trusted files only)."
+            "--allow-pickle",
+            help="Also load .bin/.ckpt pickle weights (they can run code: trusted files only).",
         ),
     ] = False,
     resume: Annotated[
