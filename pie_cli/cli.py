@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from pie_cli import __version__
 from pie_cli.boundary import guarded
@@ -16,10 +17,47 @@ from pie_cli.commands.finetune import finetune
 from pie_cli.commands.mask import mask_app
 from pie_cli.commands.models import models_app
 from pie_cli.commands.simulate import simulate
-from pie_cli.console import ui
+from pie_cli.console import error, ui
 from pie_cli.options import ProgressMode
 
+
+def _usage_error(exc: Exception) -> bool:
+    """A command-line parse error (bad value, unknown option, missing argument), not a help request."""
+    return (
+        getattr(exc, "exit_code", None) == 2
+        and hasattr(exc, "format_message")
+        and type(exc).__name__ != "NoArgsIsHelpError"
+    )
+
+
+class PieGroup(TyperGroup):
+    """Parse errors are user errors like any other: one "Error: ..." line and exit 2.
+
+    Click would print the usage, a "Try -h" hint and a blank line first; scripts and pie's
+    error contract want the one sentence (``-h`` still shows the usage).
+    """
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except Exception as exc:
+            if _usage_error(exc):
+                error(exc.format_message())
+                raise typer.Exit(2) from None
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if _usage_error(exc):
+                error(exc.format_message())
+                raise typer.Exit(2) from None
+            raise
+
+
 app = typer.Typer(
+    cls=PieGroup,
     name="pie",
     help=(
         "Simulate disease progression on medical images with Progressive Image Editing (PIE) "

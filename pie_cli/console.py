@@ -34,19 +34,19 @@ def err():
 
 
 def error(message: str) -> None:
-    err().print(f"Error: {message}", style="red", markup=False)
+    err().print(f"Error: {message}", style="red", markup=False, emoji=False)
 
 
 def warn(message: str) -> None:
     if not ui.quiet:
-        err().print(f"warning: {message}", style="yellow", markup=False)
+        err().print(f"warning: {message}", style="yellow", markup=False, emoji=False)
 
 
 def info(message: str) -> None:
     if not ui.quiet:
-        err().print(message, markup=False)
+        err().print(message, markup=False, emoji=False)
 
 
 def result(text: str) -> None:
     """A result for scripts (a path, JSON): stdout, unstyled."""
-    out().print(text, markup=False, highlight=False)
+    out().print(text, markup=False, highlight=False, emoji=False)

@@ -176,6 +176,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # write/fsync errors name no file; the user needs to know which
+            exc.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

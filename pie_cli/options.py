@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from pie_cli.errors import UserError
+from pie_cli.parameters import MAX_RESOLUTION  # one definition, shared with the core
 
 
 class Dtype(str, Enum):
@@ -70,9 +71,8 @@ ResolutionOpt = Annotated[
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
-# Working resolutions above this are refused up front (a 4096 x 4096 mask already needs a few GB of
-# numpy temporaries; a typo like 51200 would otherwise end in an out-of-memory error).
-MAX_RESOLUTION = 4096
+# Working resolutions above MAX_RESOLUTION are refused up front (a 4096 x 4096 mask already needs a few
+# GB of numpy temporaries; a typo like 51200 would otherwise end in an out-of-memory error).
 # The smallest image side pie accepts: one 8 x 8 latent cell of Stable Diffusion's VAE.
 MIN_IMAGE_SIDE = 8
 

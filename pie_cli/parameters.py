@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# Upper bounds that keep a typo from hanging or exhausting the machine (no real run comes near them):
+# SD 1.x schedulers have 1000 training timesteps, 4096 px is 16x SD's working area, and a
+# progression of 10000 frames is far beyond any disease course anyone simulates.
+MAX_STEPS = 10_000
+MAX_INFERENCE_STEPS = 1_000
+MAX_RESOLUTION = 4096
 
 
 def denoise_count(inference_steps: int, strength: float) -> int:
@@ -46,6 +54,9 @@ class PieConfig:
         found = []
         if self.steps < 1:
             found.append(("steps", f"must be at least 1, got {self.steps}"))
+        if self.steps > MAX_STEPS:
+            found.append(("steps", f"must be at most {MAX_STEPS}, got {self.steps}"))
+            return found  # the per-step checks below would take forever
         for name, schedule in (
             ("prompt_schedule", self.prompt_schedule),
             ("strength_schedule", self.strength_schedule),
@@ -68,18 +79,22 @@ class PieConfig:
                     )
                 )
                 break
-        if self.inference_steps < 1:
-            found.append(("inference_steps", f"must be at least 1, got {self.inference_steps}"))
+        if not 1 <= self.inference_steps <= MAX_INFERENCE_STEPS:
+            found.append(
+                ("inference_steps", f"must be in 1..{MAX_INFERENCE_STEPS}, got {self.inference_steps}")
+            )
         for w in self.guidance_schedule or (self.guidance_scale,):
-            if w < 0:
+            if not (math.isfinite(w) and w >= 0):
                 name = "guidance_schedule" if self.guidance_schedule else "guidance_scale"
-                found.append((name, f"must be >= 0, got {w:g}"))
+                found.append((name, f"must be a finite number >= 0, got {w:g}"))
                 break
         for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0.0 <= value <= 1.0:
                 found.append((name, f"must be in [0, 1], got {value:g}"))
         if self.resolution < 8 or self.resolution % 8:
             found.append(("resolution", f"must be a positive multiple of 8, got {self.resolution}"))
+        elif self.resolution > MAX_RESOLUTION:
+            found.append(("resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}"))
         return found
 
     def check(self) -> None:

@@ -56,11 +56,19 @@ def check_out_dir(path: Path, overwrite: bool) -> None:
         raise UserError(
             f"--out {path} is not empty; pass --overwrite to replace pie's files there, or choose another directory."
         )
-    ancestor = path
+    check_creatable(path)
+
+
+def check_creatable(path: Path, option: str = "--out") -> None:
+    """Refuse a directory that cannot be written or created (its nearest existing ancestor is read-only)."""
+    ancestor = Path(path)
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not os.access(ancestor, os.W_OK):
-        raise UserError(f"--out {path} cannot be created: {ancestor} is not writable.")
+        what = (
+            "is not writable" if ancestor == Path(path) else f"cannot be created: {ancestor} is not writable"
+        )
+        raise UserError(f"{option} {path} {what}.")
 
 
 def check_not_locked(path: Path) -> None:
@@ -134,6 +142,16 @@ class RunWriter:
             self.created_dir = True
         if self.lock is not None:
             self.lock.acquire()
+        try:
+            self._start(overwrite)
+        except OSError:  # e.g. a full disk before anything useful exists: leave nothing behind
+            if self.lock is not None:
+                self.lock.release()
+            if self.created_dir:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def _start(self, overwrite: bool) -> None:
         if overwrite:
             for entry in self.path.iterdir():
                 if entry.is_file() and _PIE_FILE.match(entry.name):
@@ -210,13 +228,15 @@ class RunWriter:
         self.manifest["status"] = status
         self.manifest["finished"] = _now()
         self.manifest.update(extra)
-        if status == "complete":
-            self.manifest.pop("rng_states", None)
-            if (self.path / RESUME_DIR).is_dir():
-                shutil.rmtree(self.path / RESUME_DIR)
-        self._write_manifest()
-        if self.lock is not None:
-            self.lock.release()
+        try:
+            if status == "complete":
+                self.manifest.pop("rng_states", None)
+                if (self.path / RESUME_DIR).is_dir():
+                    shutil.rmtree(self.path / RESUME_DIR)
+            self._write_manifest()
+        finally:  # even when the disk is full: never leave a live-looking lock behind
+            if self.lock is not None:
+                self.lock.release()
 
     def _write_manifest(self) -> None:
         write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")

@@ -134,7 +134,7 @@ class Inputs:
 
 def check_inputs(spec: SimulateSpec, *, check_out: bool = True) -> Inputs:
     """Validate everything cheaply, before loading a model or creating any file."""
-    from pie_cli.masks import prepare_mask, require_nonempty
+    from pie_cli.masks import prepare_mask, require_image_size, require_nonempty
     from pie_cli.media import open_image
     from pie_cli.registry import parse_lora, resolve, resolve_unet_path
     from pie_cli.runs import check_out_dir
@@ -143,6 +143,7 @@ def check_inputs(spec: SimulateSpec, *, check_out: bool = True) -> Inputs:
     if spec.image is None:
         raise UserError("give an IMAGE (or --cohort CSV).")
     image = open_image(spec.image, "image")
+    require_image_size(image, spec.image)
     mask = None
     if spec.mask is not None:
         raw_mask = open_image(spec.mask, "mask")
@@ -331,25 +332,34 @@ def run_case(
             _write_spread(spec.out, history, top.run_id)
             top.manifest["outputs"].update({"uncertainty": "uncertainty.png", "mean_final": "mean_final.png"})
     except KeyboardInterrupt:
-        for writer in everyone:
-            writer.finish("interrupted", total_seconds=round(time.perf_counter() - started, 3))
+        _finish_all(everyone, "interrupted", total_seconds=round(time.perf_counter() - started, 3))
         done = f"frames 0..{last_step} are kept" if last_step >= 0 else "no frame was finished"
         raise Interrupted(
             f"interrupted after progression step {max(last_step, 0)} of {spec.steps}; {done} in {spec.out}. "
             f"Continue with: pie simulate --resume --out {spec.out}"
         ) from None
     except Exception as exc:
-        for writer in everyone:
-            writer.finish(
-                "failed",
-                error=f"{type(exc).__name__}: {exc}",
-                total_seconds=round(time.perf_counter() - started, 3),
-            )
+        _finish_all(
+            everyone,
+            "failed",
+            error=f"{type(exc).__name__}: {exc}",
+            total_seconds=round(time.perf_counter() - started, 3),
+        )
         raise
     total = time.perf_counter() - started
     for writer in everyone:
         writer.finish("complete", total_seconds=round(total, 3))
     return total
+
+
+def _finish_all(writers: list[Any], status: str, **extra: Any) -> None:
+    """Mark every writer ``status``; a second failure (a full disk) must not hide the first."""
+    for writer in writers:
+        try:
+            writer.finish(status, **extra)
+        except OSError:
+            if writer.lock is not None:
+                writer.lock.release()
 
 
 def _encoded(state: Any) -> str:

@@ -353,7 +353,6 @@ def run(
                 from pie_cli.training.data import TrainingData
 
                 check_images(TrainingData(prior, "folder", spec.class_data or ""))
-        _warn_defaults(spec)
         trained = _train(spec, source, data, prior, out, display, checkpoint, overwrite)
     info(
         f"finetune: {trained.steps} steps in {trained.seconds:.1f} s, last loss {trained.last_loss} -> {trained.weights}"
@@ -384,6 +383,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
             f"--out {out} is not empty; continue it with --resume latest, start over with --overwrite, "
             "or choose another directory."
         )
+    from pie_cli.runs import check_creatable
+
+    check_creatable(out)
 
 
 def _print_dry_run(spec: TrainSpec, data: Any, prior: Any) -> None:
@@ -414,6 +416,7 @@ def _train(
     main = PartialState().is_main_process
     if not main:
         display.mode = "off"
+    created = not out.exists()
     if main:
         if overwrite and checkpoint is None and out.is_dir():
             for name in RUN_ENTRIES:
@@ -424,7 +427,12 @@ def _train(
                     target.unlink()
         out.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out)  # temporary files and half-saved checkpoints of a killed run
-        write_yaml(spec, out / CONFIG_FILE)
+        try:
+            write_yaml(spec, out / CONFIG_FILE)
+        except OSError:  # a full disk before anything useful exists: leave nothing behind
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     summary: dict[str, Any] = {
         "pie_version": __version__,
         "argv": sys.argv[1:],
@@ -441,7 +449,13 @@ def _train(
             summary.update(extra)
             write_text(out / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
 
-    save_summary()
+    try:
+        save_summary()
+    except OSError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    _warn_defaults(spec)
     trainer = Trainer(spec, source, data, prior, out, display, info)
     try:
         with trainer.signals, quiet_libraries(ui.debug):  # SIGINT/SIGTERM: stop at a step, checkpointed

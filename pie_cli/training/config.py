@@ -9,6 +9,7 @@ and the defaults below. Torch-free: checked before any heavy import.
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pie_cli.errors import UserError
+from pie_cli.parameters import MAX_RESOLUTION
 
 DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "hf", "chexpert", "ham10000", "eyepacs")
 METHODS = ("lora", "full")
@@ -131,16 +133,23 @@ class TrainSpec:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}.")
         if self.resolution % 8:
             raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}.")
-        if self.lr is not None and not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr:g}.")
+        if self.resolution > MAX_RESOLUTION:
+            raise UserError(f"--resolution must be at most {MAX_RESOLUTION}, got {self.resolution}.")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2^32), got {self.seed}.")
+        # "not x > 0" rather than "x <= 0": NaN fails every comparison and must be refused too.
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a finite positive number, got {self.lr:g}.")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout:g}.")
-        if self.alpha is not None and self.alpha <= 0:
-            raise UserError(f"--alpha must be positive, got {self.alpha:g}.")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise UserError(f"--snr-gamma must be positive, got {self.snr_gamma:g}.")
-        if self.noise_offset < 0:
-            raise UserError(f"--noise-offset must be >= 0, got {self.noise_offset:g}.")
+        for name in ("alpha", "snr_gamma", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{_flag(name)} must be a finite positive number, got {value:g}.")
+        for name in ("noise_offset", "prior_loss_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{_flag(name)} must be a finite number >= 0, got {value:g}.")
         if self.max_steps is not None and self.epochs is not None:
             raise UserError("give --max-steps or --epochs, not both.")
         if self.cache_latents and (self.random_flip or not self.center_crop):

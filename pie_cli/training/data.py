@@ -417,14 +417,30 @@ def check_images(data: TrainingData, progress: Callable[[int, int], None] | None
             continue
         try:
             with Image.open(path) as img:
-                img.size  # noqa: B018 - reading the header is the check
+                _check_complete(img, path)
         except FileNotFoundError:
             raise UserError(f"image {path} ({record.where}) does not exist.") from None
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             reason = "not an image pie can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
             raise UserError(f"image {path} ({record.where}) cannot be read: {reason}.") from None
         if progress is not None:
             progress(k + 1, len(data.records))
+
+
+def _check_complete(img: Any, path: Path) -> None:
+    """A cheap whole-file check without decoding pixels: truncated files fail before training starts.
+
+    PNG: every chunk's CRC up to IEND (``verify``, I/O only). JPEG: the end-of-image marker
+    must be in the last KiB. Other formats: the header only.
+    """
+    if img.format == "PNG":
+        img.verify()
+    elif img.format == "JPEG":
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 1024))
+            if b"\xff\xd9" not in fh.read():
+                raise OSError("the file is truncated (no JPEG end-of-image marker)")
 
 
 def class_records(spec: TrainSpec) -> list[Record]:
