@@ -76,6 +76,10 @@ def export_gif(
     lossless: Annotated[
         bool, typer.Option("--lossless", help=".webp: lossless instead of quality 90.")
     ] = False,
+    watermark: Annotated[
+        bool,
+        typer.Option("--watermark", help='Burn a small "SYNTHETIC" label into the corner of every frame.'),
+    ] = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -154,6 +158,25 @@ def export_gif(
     )
     picks, turn = export.sequence(len(images), every, bounce if suffix != ".png" else False)
     frames = export.compose(images, sources, picks, options, mask)
-    export.write(frames, out_path, options, turn)
+    if watermark:
+        from pie_cli.annotate import watermark as burn
+
+        frames = [burn(f) for f in frames]
+    export.write(frames, out_path, options, turn, run_id=_run_id(inputs))
     info(f"export: {len(frames)} frames, {frames[0].width}x{frames[0].height} -> {out_path}")
     result(str(out_path))
+
+
+def _run_id(inputs: list[Path]) -> str | None:
+    """The run id of the first run directory among ``inputs`` (for the output's provenance)."""
+    import json
+
+    for item in map(Path, inputs):
+        manifest = item / "manifest.json"
+        if manifest.is_file():
+            try:
+                value = json.loads(manifest.read_text(encoding="utf-8")).get("run_id")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return value if isinstance(value, str) else None
+    return None
