@@ -599,7 +599,7 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
                 rows.append([case.name, "interrupted", 0.0, str(spec.out)])
                 rows += [[c.name, "not started", 0.0, str(sp.out)] for c, sp, *_ in plans[index + 1 :]]
                 if world == 1:  # other processes may still be running: no rendezvous now
-                    _write_summary(base.out, rows, rank, world)
+                    _write_summary(base.out, rows, rank, world, [c.name for c in cases])
                 raise Interrupted(
                     f"interrupted during cohort case {case.name}; its whole frames are kept. Rerun the same "
                     "command to go on: complete cases are skipped, interrupted ones resumed."
@@ -612,7 +612,7 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
                     raise
                 failures += 1
                 rows.append([case.name, f"failed: {type(exc).__name__}: {exc}", 0.0, str(spec.out)])
-    _write_summary(base.out, rows, rank, world)
+    _write_summary(base.out, rows, rank, world, [c.name for c in cases])
     done = sum(r[1] == "complete" for r in rows)
     info(
         f"cohort: {done} run, {sum(r[1].startswith('skipped') for r in rows)} skipped, {failures} failed "
@@ -624,7 +624,9 @@ def run_cohort(cohort: Path, base: SimulateSpec) -> Path:
     return base.out
 
 
-def _write_summary(out: Path, rows: list[list[Any]], rank: int, world: int) -> None:
+def _write_summary(
+    out: Path, rows: list[list[Any]], rank: int, world: int, order: list[str] | None = None
+) -> None:
     from pie_cli.media import write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -640,13 +642,20 @@ def _write_summary(out: Path, rows: list[list[Any]], rank: int, world: int) -> N
         state = PartialState()
         state.wait_for_everyone()
         if state.is_main_process:
-            merged = [["case", "status", "seconds", "output"]]
+            merged = []
             for r in range(world):
                 part = out / f"cohort_summary.rank{r}.csv"
-                merged += list(csv.reader(part.open()))[1:]
+                with part.open(newline="") as fh:
+                    merged += list(csv.reader(fh))[1:]
+            position = {name: k for k, name in enumerate(order or [])}
+            merged.sort(
+                key=lambda row: position.get(row[0], len(position))
+            )  # the CSV's order, not the ranks'
             buffer = io.StringIO()
-            csv.writer(buffer).writerows(merged)
+            csv.writer(buffer).writerows([["case", "status", "seconds", "output"], *merged])
             write_text(out / SUMMARY, buffer.getvalue())
+            for r in range(world):
+                (out / f"cohort_summary.rank{r}.csv").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- manifest

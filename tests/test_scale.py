@@ -221,3 +221,53 @@ def test_cohort_split_is_a_partition_with_stable_seeds():
         assert all(
             c.index == int(c.name[1:]) for part in parts for c in part
         )  # seeds follow the row, not the rank
+
+
+def test_a_cohort_split_over_two_processes_gives_the_same_outputs(cli, inputs, tiny_model, tmp_path):
+    """torchrun with 2 CPU processes (what `accelerate launch` uses under the hood on GPUs)."""
+    import os
+    import subprocess
+    import sys
+
+    rows = [
+        {"image": str(inputs["image"]), "mask": str(inputs["mask"]), "prompt": p, "out": name}
+        for name, p in (("a", "small effusion"), ("b", "large effusion"), ("c", "effusion"))
+    ]
+    cohort = write_cohort(tmp_path, inputs, rows)
+    args = ["simulate", "--cohort", cohort, "--model", tiny_model, *FAST, "--steps", "2"]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same float order
+    try:
+        assert cli(*args, "--out", tmp_path / "one").exit_code == 0
+    finally:
+        torch.set_num_threads(threads)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "pie_cli", "--progress", "off"]
+        + [str(a) for a in args]
+        + ["--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("cohort: ") == 2  # both processes ran cases
+    with open(tmp_path / "two" / "cohort_summary.csv") as fh:
+        assert [(r["case"], r["status"]) for r in csv.DictReader(fh)] == [
+            ("a", "complete"),
+            ("b", "complete"),
+            ("c", "complete"),
+        ]
+    assert not list((tmp_path / "two").glob("cohort_summary.rank*.csv"))
+    for case in "abc":
+        one = sorted((tmp_path / "one" / case).glob("frame_*.png"))
+        two = sorted((tmp_path / "two" / case).glob("frame_*.png"))
+        assert len(one) == len(two) == 3
+        for x, y in zip(one, two, strict=True):
+            diff = np.abs(
+                np.asarray(Image.open(x), dtype=np.int16) - np.asarray(Image.open(y), dtype=np.int16)
+            )
+            assert diff.max() == 0, f"{case}/{x.name} differs by {diff.max()}"
