@@ -25,7 +25,7 @@ def simulate(
     image: Annotated[
         Path | None,
         typer.Argument(
-            help="Input image: PNG, JPEG, TIFF, BMP, WebP (8- or 16-bit). Not with --cohort.",
+            help="Input image: PNG, JPEG, TIFF, BMP, WebP (8- or 16-bit) or DICOM. Not with --cohort.",
             metavar="IMAGE",
             show_default=False,
         ),
