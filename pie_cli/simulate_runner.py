@@ -637,9 +637,9 @@ def _write_summary(
     writer.writerows(rows)
     write_text(out / name, buffer.getvalue())
     if world > 1:
-        from accelerate import PartialState
+        from pie_cli.distributed import process_state
 
-        state = PartialState()
+        state = process_state()
         state.wait_for_everyone()
         if state.is_main_process:
             merged = []

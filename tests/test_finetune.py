@@ -650,3 +650,31 @@ def test_keep_checkpoints_and_resume_from_a_path(cli, data, tiny_model, tmp_path
         5,
     ]
     assert json.loads((out / "training_summary.json").read_text())["resumed_from"].endswith("step_000002")
+
+
+def test_two_cpu_processes_train_one_run_together(data, tiny_model, tmp_path):
+    """torchrun with 2 CPU processes: one process group (not two runs racing on one --out)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ft"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    argv = ["finetune", "--data", data, "--model", tiny_model, "--out", out, *FAST]
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29573", "-m", "pie_cli", "--progress", "off"]
+        + [str(a) for a in argv]
+        + ["--max-steps", "4", "--checkpoint-every", "2"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        str(out / "pytorch_lora_weights.safetensors")
+    ]  # the main process only
+    assert proc.stderr.count("finetune: 4 steps") == 1
+    with open(out / "metrics.csv") as fh:
+        assert [row["step"] for row in csv.DictReader(fh)] == ["1", "2", "3", "4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]

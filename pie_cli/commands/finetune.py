@@ -344,8 +344,12 @@ def run(
     if dry_run:
         _print_dry_run(spec, data, prior)
         return
+    from pie_cli.distributed import process_state
     from pie_cli.progress import ProgressDisplay
 
+    main = process_state().is_main_process
+    if not main:  # under torchrun / accelerate launch only the main process talks
+        ui.quiet = True
     with ProgressDisplay(ui.progress) as display:
         with display.status(f"checking {len(data.records)} images"):
             check_images(data)
@@ -354,10 +358,11 @@ def run(
 
                 check_images(TrainingData(prior, "folder", spec.class_data or ""))
         trained = _train(spec, source, data, prior, out, display, checkpoint, overwrite)
-    info(
-        f"finetune: {trained.steps} steps in {trained.seconds:.1f} s, last loss {trained.last_loss} -> {trained.weights}"
-    )
-    result(str(trained.weights))
+    if main:
+        info(
+            f"finetune: {trained.steps} steps in {trained.seconds:.1f} s, last loss {trained.last_loss} -> {trained.weights}"
+        )
+        result(str(trained.weights))
 
 
 def _warn_defaults(spec: TrainSpec) -> None:
@@ -407,13 +412,12 @@ def _train(
     checkpoint: Path | None,
     overwrite: bool,
 ):
-    from accelerate import PartialState
-
+    from pie_cli.distributed import process_state
     from pie_cli.loading import quiet_libraries
     from pie_cli.media import write_text
     from pie_cli.training.loop import SUMMARY, Trainer, remove_leftovers
 
-    main = PartialState().is_main_process
+    main = process_state().is_main_process
     if not main:
         display.mode = "off"
     created = not out.exists()

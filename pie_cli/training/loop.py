@@ -277,7 +277,10 @@ class Trainer:
         from pie_cli.loading import require_safetensors
 
         spec = self.spec
+        from pie_cli.distributed import cpu_processes
+
         self.accelerator = acc = Accelerator(
+            cpu=cpu_processes(),  # see pie_cli/distributed.py
             gradient_accumulation_steps=spec.grad_accum,
             mixed_precision=spec.mixed_precision,
             project_config=ProjectConfiguration(project_dir=str(self.out)),
