@@ -43,6 +43,21 @@ def read_owner(path: Path) -> dict | None:
         return None
 
 
+def in_use(option: str, directory: Path, owner: dict) -> UserError:
+    return UserError(
+        f"{option} {directory} is in use by another pie process (pid {owner['pid']}, "
+        f"since {owner.get('started', '?')}); wait for it or choose another directory."
+    )
+
+
+def live_owner(directory: Path) -> dict | None:
+    """The owner of ``directory``'s lock when it is another process running on this host, else None."""
+    owner = read_owner(Path(directory) / LOCK_NAME)
+    if owner is None or owner.get("host") not in (None, socket.gethostname()):
+        return None  # unreadable or another host's: DirLock decides when the run starts
+    return owner if owner["pid"] != os.getpid() and pid_alive(owner["pid"]) else None
+
+
 class DirLock:
     """``with DirLock(dir, warn=...)``: hold ``dir/.pie.lock`` for the duration."""
 
@@ -92,10 +107,7 @@ class DirLock:
                 f"if that run is gone, delete {self.path}."
             )
         if pid != os.getpid() and pid_alive(pid):
-            raise UserError(
-                f"{self.option} {self.directory} is in use by another pie process (pid {pid}, "
-                f"since {owner.get('started', '?')}); wait for it or choose another directory."
-            )
+            raise in_use(self.option, self.directory, owner)
         self.warn(
             f"taking over a stale lock in {self.directory} left by pid {pid}, which is no longer running."
         )

@@ -68,6 +68,9 @@ OverwriteOpt = Annotated[
 ResolutionOpt = Annotated[
     int, typer.Option("--resolution", "-r", help="Frames are R x R: short side resized to R, centre-cropped.")
 ]
+WatermarkOpt = Annotated[
+    bool, typer.Option("--watermark", help='Burn a small "SYNTHETIC" label into the corner of every frame.')
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 

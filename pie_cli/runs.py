@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from pie_cli.errors import UserError
-from pie_cli.locks import LOCK_NAME, DirLock, pid_alive, read_owner
+from pie_cli.locks import DirLock, in_use, live_owner
 from pie_cli.media import save_png, write_text
 
 MANIFEST = "manifest.json"
@@ -73,14 +72,9 @@ def check_creatable(path: Path, option: str = "--out") -> None:
 
 def check_not_locked(path: Path) -> None:
     """Refuse early (before loading a model) a directory a live pie process is writing."""
-    owner = read_owner(Path(path) / LOCK_NAME)
-    if owner is None or owner.get("host") not in (None, socket.gethostname()):
-        return  # unreadable or another host's: DirLock decides when the run starts
-    if owner["pid"] != os.getpid() and pid_alive(owner["pid"]):
-        raise UserError(
-            f"--out {path} is in use by another pie process (pid {owner['pid']}, since "
-            f"{owner.get('started', '?')}); wait for it or choose another directory."
-        )
+    owner = live_owner(path)
+    if owner is not None:
+        raise in_use("--out", path, owner)
 
 
 def default_out_dir(image: Path) -> Path:

@@ -8,7 +8,6 @@ cheaply (before any model is loaded or file written), loads the model once, runs
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import platform
 import time
@@ -57,27 +56,55 @@ class SimulateSpec:
     allow_pickle: bool = False
 
     def parameters(self) -> dict[str, Any]:
-        keep = [
-            "prompt",
-            "negative_prompt",
-            "steps",
-            "strength",
-            "guidance_scale",
-            "beta1",
-            "beta2",
-            "inference_steps",
-            "scheduler",
-            "resolution",
-            "seed",
-            "gif",
-            "trajectories",
-            "prompt_schedule",
-            "strength_schedule",
-            "guidance_schedule",
-            "compile",
-            "watermark",
-        ]
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k in keep}
+        """The values recorded in the manifest's ``parameters`` (what :func:`plan_resume` reads back)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k in RECORDED}
+
+
+# SimulateSpec fields a manifest records under "parameters"; the schedules' parsed values are
+# recorded beside them as "prompts", "strengths" and "guidance_scales".
+RECORDED = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "strength",
+    "guidance_scale",
+    "beta1",
+    "beta2",
+    "inference_steps",
+    "scheduler",
+    "resolution",
+    "seed",
+    "gif",
+    "trajectories",
+    "prompt_schedule",
+    "strength_schedule",
+    "guidance_schedule",
+    "compile",
+    "watermark",
+)
+
+
+def make_config(
+    spec: SimulateSpec,
+    prompts: tuple[str, ...] = (),
+    strengths: tuple[float, ...] = (),
+    guidances: tuple[float, ...] = (),
+) -> PieConfig:
+    """The PIE parameters of ``spec`` with its per-step schedules already read."""
+    return PieConfig(
+        prompt=spec.prompt or (prompts[0] if prompts else ""),
+        negative_prompt=spec.negative_prompt,
+        steps=spec.steps,
+        strength=spec.strength,
+        guidance_scale=spec.guidance_scale,
+        beta1=spec.beta1,
+        beta2=spec.beta2,
+        inference_steps=spec.inference_steps,
+        resolution=spec.resolution,
+        prompt_schedule=prompts,
+        strength_schedule=strengths,
+        guidance_schedule=guidances,
+    )
 
 
 def build_config(spec: SimulateSpec) -> PieConfig:
@@ -99,20 +126,7 @@ def build_config(spec: SimulateSpec) -> PieConfig:
         if spec.guidance_schedule
         else ()
     )
-    config = PieConfig(
-        prompt=spec.prompt or prompts[0],
-        negative_prompt=spec.negative_prompt,
-        steps=spec.steps,
-        strength=spec.strength,
-        guidance_scale=spec.guidance_scale,
-        beta1=spec.beta1,
-        beta2=spec.beta2,
-        inference_steps=spec.inference_steps,
-        resolution=spec.resolution,
-        prompt_schedule=prompts,
-        strength_schedule=strengths,
-        guidance_schedule=guidances,
-    )
+    config = make_config(spec, prompts, strengths, guidances)
     for name, problem in config.problems():
         raise UserError(f"--{name.replace('_', '-')} {problem}.")
     if not 0 <= spec.seed < 2**63:
@@ -450,50 +464,31 @@ def plan_resume(out: Path, base: SimulateSpec) -> tuple[SimulateSpec, Inputs, Re
     first = subs[0] / ".resume" / frame_name(0)
     image = _open_frame(first if first.exists() else subs[0] / frame_name(0))
 
+    overridden = {"prompt_schedule", "strength_schedule", "guidance_schedule", "compile"}
+    recorded = {k: params[k] for k in RECORDED if k in params and k not in overridden}
     spec = replace(
         base,
+        **recorded,
         image=subs[0] / frame_name(0),
-        prompt=params.get("prompt"),
         mask=out / "mask.png" if (out / "mask.png").is_file() else None,
         model=record["model"],
         out=out,
-        steps=int(params["steps"]),
-        strength=float(params["strength"]),
-        guidance_scale=float(params["guidance_scale"]),
-        beta1=float(params["beta1"]),
-        beta2=float(params["beta2"]),
-        inference_steps=int(params["inference_steps"]),
-        scheduler=params["scheduler"],
-        negative_prompt=params.get("negative_prompt", ""),
-        seed=int(params["seed"]),
-        resolution=int(params["resolution"]),
         device=base.device if base.device != "auto" else record.get("device", "auto"),
         dtype=base.dtype if base.dtype != "auto" else record.get("dtype", "auto"),
         unet=Path(record["unet"]) if record.get("unet") else None,
         lora=tuple(record.get("lora", ())),
-        gif=bool(params.get("gif", True)),
         overwrite=False,
-        trajectories=k,
-        prompt_schedule=None,
+        prompt_schedule=None,  # the schedules' recorded values are used, not their files
         strength_schedule=None,
         guidance_schedule=None,
         compile=base.compile or bool(record.get("compile")),
-        watermark=bool(params.get("watermark", False)),
         allow_pickle=base.allow_pickle or bool(record.get("allow_pickle")),
     )
-    config = PieConfig(
-        prompt=params.get("prompt") or (params.get("prompts") or [""])[0],
-        negative_prompt=spec.negative_prompt,
-        steps=spec.steps,
-        strength=spec.strength,
-        guidance_scale=spec.guidance_scale,
-        beta1=spec.beta1,
-        beta2=spec.beta2,
-        inference_steps=spec.inference_steps,
-        resolution=spec.resolution,
-        prompt_schedule=tuple(params.get("prompts") or ()),
-        strength_schedule=tuple(params.get("strengths") or ()),
-        guidance_schedule=tuple(params.get("guidance_scales") or ()),
+    config = make_config(
+        spec,
+        tuple(params.get("prompts") or ()),
+        tuple(params.get("strengths") or ()),
+        tuple(params.get("guidance_scales") or ()),
     )
     mask = None
     if spec.mask is not None:
@@ -661,17 +656,11 @@ def _write_summary(
 # --------------------------------------------------------------------------- manifest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest(
     spec: SimulateSpec, inputs: Inputs, placement: Any, scheduler_class: str, timesteps: list[int]
 ) -> dict[str, Any]:
+    from pie_cli.runs import file_sha256
+
     model = inputs.source.describe()
     if inputs.unet is not None:
         model["unet"] = str(inputs.unet)
@@ -706,11 +695,11 @@ def _manifest(
             "unet_calls_per_step": len(timesteps),
         },
         "inputs": {
-            "image_sha256": _sha256(spec.image),
+            "image_sha256": file_sha256(spec.image),
             "image_size": list(inputs.image.size),
             "image_mode": inputs.image.mode,
             "mask": spec.mask is not None,
-            "mask_sha256": _sha256(spec.mask) if spec.mask else None,
+            "mask_sha256": file_sha256(spec.mask) if spec.mask else None,
         },
         "placement": placement.describe(),
         "environment": _environment(placement),

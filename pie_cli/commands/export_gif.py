@@ -10,7 +10,7 @@ import typer
 
 from pie_cli.console import info, result, warn
 from pie_cli.errors import UserError
-from pie_cli.options import DebugOpt, OverwriteOpt
+from pie_cli.options import DebugOpt, OverwriteOpt, WatermarkOpt
 
 # GIF stores a delay in 16 bits of 10 ms and a loop count in 16 bits (WebP: the same loop field).
 MAX_DELAY_MS = 655_350
@@ -76,10 +76,7 @@ def export_gif(
     lossless: Annotated[
         bool, typer.Option("--lossless", help=".webp: lossless instead of quality 90.")
     ] = False,
-    watermark: Annotated[
-        bool,
-        typer.Option("--watermark", help='Burn a small "SYNTHETIC" label into the corner of every frame.'),
-    ] = False,
+    watermark: WatermarkOpt = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:

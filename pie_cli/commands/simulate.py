@@ -18,6 +18,7 @@ from pie_cli.options import (
     ResolutionOpt,
     SchedulerName,
     SeedOpt,
+    WatermarkOpt,
 )
 
 
@@ -135,10 +136,7 @@ def simulate(
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet (slow start, faster steps).")
     ] = False,
-    watermark: Annotated[
-        bool,
-        typer.Option("--watermark", help='Burn a small "SYNTHETIC" label into the corner of every frame.'),
-    ] = False,
+    watermark: WatermarkOpt = False,
     allow_pickle: Annotated[
         bool,
         typer.Option(
