@@ -40,10 +40,10 @@ def heart_mask(params: dict, size: int = 64) -> Image.Image:
 
 
 def score(components, classifier, samples: int, pie_cases: int) -> dict:
+    from pie_cli.core.loading import as_pipeline
+    from pie_cli.core.progression import progress
     from pie_cli.demo import classifier as clf
     from pie_cli.demo.phantom import Findings, render
-    from pie_cli.loading import as_pipeline
-    from pie_cli.progression import progress
 
     label = classifier.labels.index("cardiomegaly")
     pipe = as_pipeline(components)
@@ -84,10 +84,10 @@ def main() -> None:
     parser.add_argument("--pie-cases", type=int, default=6)
     args = parser.parse_args()
 
+    from pie_cli.core.devices import choose_placement
+    from pie_cli.core.loading import load
+    from pie_cli.core.registry import Adapter, resolve
     from pie_cli.demo import classifier as clf
-    from pie_cli.devices import choose_placement
-    from pie_cli.loading import load
-    from pie_cli.registry import Adapter, resolve
 
     pie = [sys.executable, "-m", "pie_cli", "-q"]
     with tempfile.TemporaryDirectory() as tmp:

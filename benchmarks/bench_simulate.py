@@ -36,9 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pie_cli.demo.phantom import Findings, render  # noqa: E402
-from pie_cli.parameters import PieConfig  # noqa: E402
-from pie_cli.progression import (  # noqa: E402
+from pie_cli.core.parameters import PieConfig  # noqa: E402
+from pie_cli.core.progression import (  # noqa: E402
     Components,
     decode_latents,
     encode_posterior,
@@ -49,6 +48,7 @@ from pie_cli.progression import (  # noqa: E402
     progress_batch,
     step_timesteps,
 )
+from pie_cli.demo.phantom import Findings, render  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -122,7 +122,7 @@ def baseline(c: Components, image, mask, config: PieConfig, seed: int) -> list[f
     """The original code's per-step work: text and initial image re-encoded every step, fp32."""
     g = torch.Generator("cpu").manual_seed(seed)
     device = c.device
-    from pie_cli.media import prepare_image
+    from pie_cli.imaging.media import prepare_image
 
     x0 = prepare_image(image, config.resolution)
     sf = c.vae.config.scaling_factor
@@ -289,10 +289,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "tiny" in args.configs:
+            from pie_cli.core.devices import choose_placement
+            from pie_cli.core.loading import load
+            from pie_cli.core.registry import resolve
             from pie_cli.demo.tiny import build_tiny_model
-            from pie_cli.devices import choose_placement
-            from pie_cli.loading import load
-            from pie_cli.registry import resolve
 
             comps = load(resolve(str(build_tiny_model(tmp / "tiny"))), choose_placement(args.device, "fp32"))
             reports.append(measure("tiny test model", comps, 64, 4, 50, args.repeats, [1, 4, 8]))

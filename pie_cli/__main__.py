@@ -1,4 +1,4 @@
-from pie_cli.cli import main
+from pie_cli.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pie_cli.cli import app
+from pie_cli.cli.app import app
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def hermetic_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("PIE_MODEL", "PIE_DEVICE", "PIE_DTYPE", "PIE_SEED", "PIE_PROGRESS"):
         monkeypatch.delenv(var, raising=False)
-    from pie_cli.console import ui
+    from pie_cli.cli.console import ui
 
     ui.debug, ui.quiet, ui.progress = False, False, "auto"
     yield
@@ -53,9 +53,9 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def components(tiny_model):
     """The tiny model loaded through the registry and loader, like the CLI does."""
-    from pie_cli.devices import choose_placement
-    from pie_cli.loading import load
-    from pie_cli.registry import resolve
+    from pie_cli.core.devices import choose_placement
+    from pie_cli.core.loading import load
+    from pie_cli.core.registry import resolve
 
     return load(resolve(str(tiny_model)), choose_placement("cpu", "fp32"))
 

@@ -772,7 +772,7 @@ def _torch_oom() -> BaseException:
     [
         pytest.param(
             lambda w: sim(w),
-            "pie_cli.progression.progress_batch",
+            "pie_cli.core.progression.progress_batch",
             _torch_oom,
             "out of memory (tried to allocate 20.00 MiB); try a smaller --resolution or --trajectories, "
             "or --dtype fp16 on a GPU.",
@@ -780,7 +780,7 @@ def _torch_oom() -> BaseException:
         ),
         pytest.param(
             lambda w: mask(w),
-            "pie_cli.mask_regions.build_mask",
+            "pie_cli.imaging.mask_regions.build_mask",
             lambda: MemoryError(
                 "Unable to allocate 1.00 TiB for an array with shape (2, 2) and data type float64"
             ),
@@ -789,7 +789,7 @@ def _torch_oom() -> BaseException:
         ),
         pytest.param(
             lambda w: gif(w),
-            "pie_cli.export.compose",
+            "pie_cli.imaging.animation.compose",
             MemoryError,
             "out of memory; try a smaller --resize.",
             id="export-gif, bare MemoryError",

@@ -71,7 +71,7 @@ def test_light_commands_do_not_import_torch(argv):
     """`pie --help` and registry listing must start without torch, diffusers or transformers."""
     code = (
         "import sys\n"
-        "from pie_cli.cli import app\n"
+        "from pie_cli.cli.app import app\n"
         f"try:\n    app({argv!r}, prog_name='pie')\nexcept SystemExit:\n    pass\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules)\n"
         "print('HEAVY:' + ','.join(heavy))\n"
@@ -91,7 +91,7 @@ def test_mask_and_export_never_import_torch(tmp_path):
         Image.new("RGB", (64, 64), (40 * k, 40 * k, 40 * k)).save(run / f"frame_{k:03d}.png")
     code = (
         "import sys\n"
-        "from pie_cli.cli import app\n"
+        "from pie_cli.cli.app import app\n"
         "def call(argv):\n"
         "    try:\n        app(argv, prog_name='pie')\n    except SystemExit as e:\n        assert not e.code, (argv, e.code)\n"
         f"call(['mask', {str(tmp_path / 'img.png')!r}, '--out', {str(run / 'mask.png')!r}, '--resolution', '64',"

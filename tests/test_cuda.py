@@ -11,9 +11,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def cuda_components(tiny_model):
-    from pie_cli.devices import choose_placement, tune_for_speed
-    from pie_cli.loading import load
-    from pie_cli.registry import resolve
+    from pie_cli.core.devices import choose_placement, tune_for_speed
+    from pie_cli.core.loading import load
+    from pie_cli.core.registry import resolve
 
     placement = choose_placement("cuda", "auto", vae_force_upcast=True)
     components = load(resolve(str(tiny_model)), placement)
@@ -28,10 +28,10 @@ def test_auto_dtype_is_fp16_with_an_fp32_vae(cuda_components):
 
 
 def test_fp16_progression_is_finite_and_close_to_fp32(cuda_components, tiny_model, phantom):
-    from pie_cli.devices import choose_placement
-    from pie_cli.loading import load
-    from pie_cli.progression import progress
-    from pie_cli.registry import resolve
+    from pie_cli.core.devices import choose_placement
+    from pie_cli.core.loading import load
+    from pie_cli.core.progression import progress
+    from pie_cli.core.registry import resolve
 
     image, _, left = phantom
     params = {"prompt": "effusion", "steps": 2, "inference_steps": 10, "resolution": 64}
@@ -43,7 +43,7 @@ def test_fp16_progression_is_finite_and_close_to_fp32(cuda_components, tiny_mode
 
 
 def test_trajectories_on_cuda_equal_single_runs(cuda_components, phantom):
-    from pie_cli.progression import progress, progress_batch
+    from pie_cli.core.progression import progress, progress_batch
 
     image, _, left = phantom
     params = {"prompt": "effusion", "steps": 2, "inference_steps": 10, "resolution": 64}
@@ -56,8 +56,8 @@ def test_trajectories_on_cuda_equal_single_runs(cuda_components, phantom):
 
 
 def test_compile_runs(cuda_components, phantom):
-    from pie_cli.devices import tune_for_speed
-    from pie_cli.progression import progress
+    from pie_cli.core.devices import tune_for_speed
+    from pie_cli.core.progression import progress
 
     components, placement = cuda_components
     tune_for_speed(components, placement, compile_unet=True)

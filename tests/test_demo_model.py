@@ -7,7 +7,7 @@ import pytest
 
 from pie_cli.demo import classifier as clf
 from pie_cli.demo.phantom import Findings, render
-from pie_cli.evaluation import frame_metrics
+from pie_cli.evaluation.metrics import frame_metrics
 
 CASES = (101, 102, 103, 104, 105)
 STEPS = 6
@@ -15,16 +15,16 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def demo():
-    from pie_cli.devices import choose_placement
-    from pie_cli.loading import load
-    from pie_cli.registry import resolve
+    from pie_cli.core.devices import choose_placement
+    from pie_cli.core.loading import load
+    from pie_cli.core.registry import resolve
 
     return load(resolve("demo"), choose_placement("cpu", "fp32")), clf.load(clf.builtin_dir())
 
 
 @pytest.fixture(scope="module")
 def progressions(demo):
-    from pie_cli.progression import progress
+    from pie_cli.core.progression import progress
 
     components, classifier = demo
     out = {}

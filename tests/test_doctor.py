@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pie_cli.commands import doctor as doctor_module
+from pie_cli.cli.commands import doctor as doctor_module
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -172,7 +172,7 @@ def test_alias_of_an_uncached_repo_is_not_a_problem(cli):
 
 
 def test_missing_demo_model_is_a_problem(cli, monkeypatch, tmp_path):
-    from pie_cli import registry
+    from pie_cli.core import registry
 
     monkeypatch.setitem(registry.BUILTIN_LOCAL, "demo", tmp_path / "gone")
     result, data = report(cli)
@@ -254,7 +254,7 @@ def test_cuda_allocation_failure_is_a_problem(cli, monkeypatch):
 
 
 def test_self_test_runs_a_two_step_progression(cli, private_tmp, monkeypatch):
-    from pie_cli import loading
+    from pie_cli.core import loading
 
     loaded = []
     real_load = loading.load
@@ -276,12 +276,12 @@ def test_self_test_runs_a_two_step_progression(cli, private_tmp, monkeypatch):
 
 
 def test_self_test_json_and_failure(cli, monkeypatch, private_tmp):
-    import pie_cli.progression
+    import pie_cli.core.progression
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated UNet failure\nsecond line")
 
-    monkeypatch.setattr(pie_cli.progression, "progress", broken)
+    monkeypatch.setattr(pie_cli.core.progression, "progress", broken)
     result = cli("doctor", "--self-test")
     assert result.exit_code == 1, result.output
     assert "failed" in result.stdout
@@ -316,11 +316,11 @@ def _noise(size: int, seed: int):
 )
 def test_self_test_checks_the_frames(cli, monkeypatch, frames, message):
     """Wrong frames fail the self-test: it checks what the progression made, not just that it ran."""
-    import pie_cli.progression
-    from pie_cli.progression import Frame
+    import pie_cli.core.progression
+    from pie_cli.core.progression import Frame
 
     monkeypatch.setattr(
-        pie_cli.progression, "progress", lambda *a, **k: (Frame(i, f, 0.0) for i, f in enumerate(frames))
+        pie_cli.core.progression, "progress", lambda *a, **k: (Frame(i, f, 0.0) for i, f in enumerate(frames))
     )
     result, data = report(cli, "--self-test")
     assert result.exit_code == 1

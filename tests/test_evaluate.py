@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pie_cli.demo.phantom import Findings, render
-from pie_cli.evaluation import PSNR_CAP
+from pie_cli.evaluation.metrics import PSNR_CAP
 
 
 def fake_run(

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pie_cli.annotate import HEAT_LUT, OUTLINE_RGB, caption_box
-from pie_cli.export import sequence
+from pie_cli.imaging.animation import sequence
+from pie_cli.imaging.annotate import HEAT_LUT, OUTLINE_RGB, caption_box
 
 W, H = 48, 32
 
@@ -284,7 +284,7 @@ def test_existing_output_needs_overwrite(cli, tmp_path):
 
 
 def test_every_format_says_it_is_synthetic_and_watermark_marks_only_the_corner(cli, tmp_path):
-    from pie_cli.annotate import watermark_box
+    from pie_cli.imaging.annotate import watermark_box
 
     src = run_dir(tmp_path, count=3)
     (src / "manifest.json").write_text(json.dumps({"run_id": "0123456789abcdef"}))

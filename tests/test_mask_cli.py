@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pie_cli.media import fit_square
+from pie_cli.imaging.media import fit_square
 
 
 def grey_image(path: Path, size: tuple[int, int], value: int = 90) -> Path:

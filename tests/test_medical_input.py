@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pie_cli.errors import UserError
-from pie_cli.media import open_image, to_rgb8
+from pie_cli.imaging.media import open_image, to_rgb8
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -241,7 +241,7 @@ def test_rle_compressed_dicom_decodes_like_the_native_one(tmp_path):
 
 
 def test_only_pixel_attributes_are_read_from_a_file(tmp_path):
-    from pie_cli.medical_io import PIXEL_TAGS, _read
+    from pie_cli.imaging.dicom import PIXEL_TAGS, _read
 
     ds = _read(write_dicom(tmp_path / "cxr.dcm", gradient(12)), "image")
     assert {e.keyword for e in ds} <= set(PIXEL_TAGS)
@@ -474,7 +474,7 @@ def test_pydicom_is_not_imported_by_the_cli_or_for_png(tmp_path):
     png = tmp_path / "a.png"
     Image.new("L", (8, 8), 3).save(png)
     code = (
-        "import sys; import pie_cli.cli; from pie_cli.media import open_image; "
+        "import sys; import pie_cli.cli.app; from pie_cli.imaging.media import open_image; "
         f"open_image({str(png)!r}); "
         "assert 'pydicom' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
     )

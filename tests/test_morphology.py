@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pie_cli.morphology import distance_within, fill_holes, label, otsu_threshold
+from pie_cli.imaging.morphology import distance_within, fill_holes, label, otsu_threshold
 
 
 def test_distance_is_exact_euclidean_within_the_radius():

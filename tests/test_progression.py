@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pie_cli.media import prepare_image
-from pie_cli.progression import (
+from pie_cli.core.progression import (
     Components,
     PieConfig,
     fresh_scheduler,
@@ -16,6 +15,7 @@ from pie_cli.progression import (
     progress,
     step_timesteps,
 )
+from pie_cli.imaging.media import prepare_image
 from tests.conftest import half_mask, pixels, zeros_randn
 
 PROMPT = "large left pleural effusion"
@@ -121,7 +121,7 @@ def test_no_mask_is_repeated_img2img(components, phantom, monkeypatch):
     zeros_randn(monkeypatch)
     image, _, _ = phantom
     frames = run(components, image, None, steps=3, inference_steps=20, strength=0.5, guidance_scale=7.5)
-    from pie_cli.loading import as_pipeline
+    from pie_cli.core.loading import as_pipeline
 
     # diffusers' own img2img code, on the same weights with a fresh scheduler.
     pipe = as_pipeline(
@@ -254,7 +254,7 @@ def test_encodes_prompt_once_and_counts_model_calls(components, phantom, monkeyp
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpm++"])
 def test_other_schedulers(components, phantom, name):
-    from pie_cli.loading import select_scheduler
+    from pie_cli.core.loading import select_scheduler
 
     image, _, left = phantom
     comps = select_scheduler(components, name)
@@ -265,7 +265,7 @@ def test_other_schedulers(components, phantom, name):
 
 
 def test_accepts_a_diffusers_pipeline(components, phantom):
-    from pie_cli.loading import as_pipeline
+    from pie_cli.core.loading import as_pipeline
 
     pipe = as_pipeline(components)
     image, _, left = phantom
@@ -283,7 +283,7 @@ def test_rejects_bad_parameters(components, phantom):
 
 
 def test_batched_trajectories_equal_single_runs(components, phantom):
-    from pie_cli.progression import progress_batch
+    from pie_cli.core.progression import progress_batch
 
     image, _, left = phantom
     params = {"prompt": PROMPT, "steps": 3, "inference_steps": 10, "resolution": 64}
@@ -298,7 +298,7 @@ def test_batched_trajectories_equal_single_runs(components, phantom):
 
 def test_batched_call_counts(components, phantom, monkeypatch):
     """UNet = steps x len(ts) calls of batch 2K; text encoded once; one batched VAE encode/decode per step."""
-    from pie_cli.progression import progress_batch
+    from pie_cli.core.progression import progress_batch
 
     calls = {"text": [], "encode": [], "decode": [], "unet": []}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pie_cli.core.registry import Adapter, parse_lora, resolve
 from pie_cli.errors import UserError
-from pie_cli.registry import Adapter, parse_lora, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -156,7 +156,7 @@ def test_sigkill_leaves_a_resumable_run_and_its_stale_lock_is_taken_over(
 
 def interrupt_after(monkeypatch, frame: int) -> None:
     """Ctrl-C right after frame ``frame`` is written (in-process)."""
-    from pie_cli.runs import RunWriter
+    from pie_cli.runs.writer import RunWriter
 
     original = RunWriter.write_frame
 
@@ -253,7 +253,7 @@ def test_a_directory_in_use_by_a_live_process_is_refused(cli, tiny_model, inputs
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
     from pie_cli.errors import UserError
-    from pie_cli.locks import DirLock
+    from pie_cli.runs.locks import DirLock
 
     with DirLock(tmp_path) as held:
         assert held.held and json.loads((tmp_path / ".pie.lock").read_text())["pid"] == os.getpid()
@@ -286,7 +286,7 @@ def test_outputs_say_they_are_synthetic_and_name_no_input_path(cli, tiny_model, 
 
 
 def test_watermark_changes_only_its_corner(cli, tiny_model, inputs, tmp_path):
-    from pie_cli.annotate import watermark_box
+    from pie_cli.imaging.annotate import watermark_box
 
     plain, marked = tmp_path / "plain", tmp_path / "marked"
     assert cli(*args(tiny_model, inputs, plain, "--steps", "2")).exit_code == 0
@@ -364,7 +364,7 @@ def test_nan_in_decoded_frames_stops_the_run_without_writing_black(
 
 
 def test_concurrent_models_add_keeps_every_alias(tiny_model):
-    from pie_cli.registry import load_user_models, user_models_file
+    from pie_cli.core.registry import load_user_models, user_models_file
 
     procs = [child("models", "add", f"cxr{i}", tiny_model) for i in range(6)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
@@ -409,7 +409,7 @@ def test_finetune_refuses_a_pickle_base_model_before_writing_anything(cli, tiny_
 def test_an_interrupted_cohort_goes_on_where_it_stopped(cli, tiny_model, inputs, tmp_path, monkeypatch):
     import csv
 
-    from pie_cli.runs import RunWriter
+    from pie_cli.runs.writer import RunWriter
 
     cohort = tmp_path / "cases.csv"
     with open(cohort, "w", newline="") as fh:

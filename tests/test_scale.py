@@ -211,7 +211,7 @@ def test_bad_cohorts(cli, inputs, tiny_model, tmp_path, rows, message):
 
 
 def test_cohort_split_is_a_partition_with_stable_seeds():
-    from pie_cli.cohort import Case, split
+    from pie_cli.simulate.cohort import Case, split
 
     cases = [Case(i, i + 2, f"c{i}", {}) for i in range(10)]
     for world in (1, 2, 3, 4):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pie_cli.media import prepare_image
+from pie_cli.imaging.media import prepare_image
 from tests.conftest import pixels
 
 FAST = ["--steps", "3", "--inference-steps", "10", "--resolution", "64", "--device", "cpu"]
@@ -341,7 +341,7 @@ def test_out_not_empty_is_refused_and_left_alone(cli, inputs, tiny_model, tmp_pa
 
 
 def test_internal_error_is_short_and_debug_shows_it(cli, inputs, tiny_model, tmp_path, monkeypatch):
-    import pie_cli.progression as progression
+    import pie_cli.core.progression as progression
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -364,7 +364,7 @@ def test_internal_error_is_short_and_debug_shows_it(cli, inputs, tiny_model, tmp
 
 
 def test_interrupt_marks_the_manifest(cli, inputs, tiny_model, tmp_path, monkeypatch):
-    import pie_cli.progression as progression
+    import pie_cli.core.progression as progression
 
     real = progression._progression_step
 

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pie_cli.core.parameters import MAX_RESOLUTION
 from pie_cli.errors import UserError
-from pie_cli.parameters import MAX_RESOLUTION
 
 DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "hf", "chexpert", "ham10000", "eyepacs")
 METHODS = ("lora", "full")
@@ -293,7 +293,7 @@ def merge(
 def write_yaml(spec: TrainSpec, path: Path) -> None:
     import yaml
 
-    from pie_cli.media import write_text
+    from pie_cli.imaging.media import write_text
 
     header = (
         "# Effective pie finetune configuration (flags > --config file > defaults). Reusable with --config.\n"

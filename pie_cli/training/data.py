@@ -91,7 +91,7 @@ class TrainingData:
     def open(self, record: Record):
         """The record's image as a PIL image (decoded)."""
         if isinstance(record.image, Path):
-            from pie_cli.media import open_image
+            from pie_cli.imaging.media import open_image
 
             return open_image(record.image, f"image ({record.where})")
         return self.dataset[record.image][self.image_column]
@@ -404,7 +404,7 @@ def check_images(data: TrainingData, progress: Callable[[int, int], None] | None
     """Every image file exists and has a readable header; the first bad one is named with its row."""
     from PIL import Image, UnidentifiedImageError
 
-    from pie_cli.medical_io import check_dicom, is_dicom
+    from pie_cli.imaging.dicom import check_dicom, is_dicom
 
     if data.format == "hf":
         return

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pie_cli.media import square_geometry, to_rgb8
+from pie_cli.imaging.media import square_geometry, to_rgb8
 from pie_cli.training.data import Record, TrainingData
 
 

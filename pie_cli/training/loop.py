@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pie_cli.console import ui
+from pie_cli.cli.console import ui
+from pie_cli.core.registry import ModelSource
 from pie_cli.errors import NumericalError
-from pie_cli.registry import ModelSource
 from pie_cli.training.config import TEXT_LORA_TARGETS, TrainSpec
 from pie_cli.training.data import Record, TrainingData
 from pie_cli.training.dataset import EpochSampler, PairDataset, PairedBatches, collate
@@ -273,11 +273,11 @@ class Trainer:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from pie_cli.console import warn
-        from pie_cli.loading import require_safetensors
+        from pie_cli.cli.console import warn
+        from pie_cli.core.loading import require_safetensors
 
         spec = self.spec
-        from pie_cli.distributed import cpu_processes
+        from pie_cli.core.distributed import cpu_processes
 
         self.accelerator = acc = Accelerator(
             cpu=cpu_processes(),  # see pie_cli/distributed.py
@@ -675,7 +675,7 @@ class Trainer:
                 _remove(broken)
 
     def _inference_components(self):
-        from pie_cli.progression import Components
+        from pie_cli.core.progression import Components
 
         unet = self.accelerator.unwrap_model(self.unet)
         te = self.accelerator.unwrap_model(self.text_encoder)
@@ -692,10 +692,10 @@ class Trainer:
         """Samples with the current weights under DIR/samples: text-to-image and/or a short PIE run."""
         if not self.accelerator.is_main_process:
             return
-        from pie_cli.export import write_grid
-        from pie_cli.loading import as_pipeline
-        from pie_cli.media import open_image, save_png
-        from pie_cli.progression import progress
+        from pie_cli.core.loading import as_pipeline
+        from pie_cli.core.progression import progress
+        from pie_cli.imaging.animation import write_grid
+        from pie_cli.imaging.media import open_image, save_png
 
         spec = self.spec
         samples = self.out / SAMPLES

@@ -1,0 +1,179 @@
+"""`pie export-gif RUN_DIR_OR_FRAMES... --out FILE`. Never imports torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pie_cli.cli.console import info, result, warn
+from pie_cli.cli.options import DebugOpt, OverwriteOpt, WatermarkOpt
+from pie_cli.errors import UserError
+
+# GIF stores a delay in 16 bits of 10 ms and a loop count in 16 bits (WebP: the same loop field).
+MAX_DELAY_MS = 655_350
+MAX_LOOP = 65_535
+MAX_WIDTH = 16_384  # --resize
+
+
+def export_gif(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="RUN_DIR_OR_FRAMES",
+            show_default=False,
+            help="A `pie simulate` run directory, or frame files in order.",
+        ),
+    ],
+    out_path: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            show_default=False,
+            help="Output: .gif, .webp (animated), .png (contact strip/grid), .mp4.",
+        ),
+    ],
+    duration_ms: Annotated[
+        int, typer.Option("--duration-ms", help="Time per frame (GIF stores 10 ms units).")
+    ] = 500,
+    hold_last_ms: Annotated[
+        int, typer.Option("--hold-last-ms", help="Time on the last progression frame (0 = as others).")
+    ] = 1500,
+    loop: Annotated[int, typer.Option("--loop", help="Times to play; 0 = forever.")] = 0,
+    bounce: Annotated[bool, typer.Option("--bounce", help="Play forward, then backward.")] = False,
+    every: Annotated[
+        int, typer.Option("--every", metavar="K", help="Every K-th frame (the last is always kept).")
+    ] = 1,
+    resize: Annotated[
+        int | None,
+        typer.Option(
+            "--resize", metavar="W", help="Output width in pixels (aspect kept).", show_default=False
+        ),
+    ] = None,
+    columns: Annotated[
+        int | None,
+        typer.Option("--columns", help=".png: frames per row (default: one row).", show_default=False),
+    ] = None,
+    caption: Annotated[
+        str | None,
+        typer.Option(
+            "--caption",
+            metavar="TEMPLATE",
+            show_default=False,
+            help='Text on each frame, e.g. "step {i}/{n}" ({name} = file name).',
+        ),
+    ] = None,
+    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Frame 0 beside each frame.")] = False,
+    diff: Annotated[
+        bool, typer.Option("--diff", help="|frame - frame 0| heat map beside each frame (one scale for all).")
+    ] = False,
+    mask_outline: Annotated[
+        bool, typer.Option("--mask-outline", help="Draw the run directory's mask.png contour.")
+    ] = False,
+    lossless: Annotated[
+        bool, typer.Option("--lossless", help=".webp: lossless instead of quality 90.")
+    ] = False,
+    watermark: WatermarkOpt = False,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Turn frames into an animation, a contact strip or a video for people to look at."""
+    import numpy as np
+
+    from pie_cli.imaging import animation as export
+    from pie_cli.imaging.masks import mask_to_grey
+    from pie_cli.imaging.media import open_image
+
+    suffix = out_path.suffix.lower()
+    if suffix not in export.FORMATS:
+        raise UserError(
+            f"--out {out_path}: unknown format {suffix or '(none)'!r}; use {', '.join(export.FORMATS)}."
+        )
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a directory; name the file to write.")
+    if out_path.exists() and not overwrite:
+        raise UserError(f"--out {out_path} already exists; pass --overwrite to replace it.")
+    if not out_path.parent.is_dir():
+        raise UserError(f"--out {out_path}: directory {out_path.parent} does not exist.")
+    if not os.access(out_path.parent, os.W_OK):
+        raise UserError(f"--out {out_path}: directory {out_path.parent} is not writable.")
+    for name, value, low, high in (
+        ("--duration-ms", duration_ms, 1, MAX_DELAY_MS),
+        ("--hold-last-ms", hold_last_ms, 0, MAX_DELAY_MS),
+        ("--loop", loop, 0, MAX_LOOP),
+        ("--every", every, 1, None),
+        ("--resize", resize, 1, MAX_WIDTH),
+        ("--columns", columns, 1, None),
+    ):
+        if value is not None and value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}.")
+        if value is not None and high is not None and value > high:
+            raise UserError(f"{name} must be at most {high}, got {value}.")
+    if suffix == ".mp4":
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"writing {out_path.name} needs the optional video extra: pip install 'pie-cli[video]' (PyAV)."
+            ) from None
+
+    sources, mask_path = export.collect(inputs)
+    images = export.load(sources)
+    mask = None
+    if mask_outline:
+        if mask_path is None:
+            raise UserError("--mask-outline needs a run directory with mask.png among the inputs.")
+        mask = np.asarray(mask_to_grey(open_image(mask_path, "mask"), mask_path))
+        if mask.shape[::-1] != images[0].size:
+            raise UserError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but the frames are "
+                f"{images[0].width}x{images[0].height}."
+            )
+    if caption is not None:
+        export.caption_text(caption, 0, 0, "x")  # template errors before any work
+    if suffix == ".gif" and duration_ms % 10:
+        warn(
+            f"GIF stores delays in 10 ms units: --duration-ms {duration_ms} plays as {duration_ms // 10 * 10} ms."
+        )
+
+    options = export.ExportOptions(
+        duration_ms=duration_ms,
+        hold_last_ms=hold_last_ms,
+        loop=loop,
+        bounce=bounce,
+        every=every,
+        resize=resize,
+        columns=columns,
+        caption=caption,
+        side_by_side=side_by_side,
+        diff=diff,
+        mask_outline=mask_outline,
+        lossless=lossless,
+    )
+    picks, turn = export.sequence(len(images), every, bounce if suffix != ".png" else False)
+    frames = export.compose(images, sources, picks, options, mask)
+    if watermark:
+        from pie_cli.imaging.annotate import watermark as burn
+
+        frames = [burn(f) for f in frames]
+    export.write(frames, out_path, options, turn, run_id=_run_id(inputs))
+    info(f"export: {len(frames)} frames, {frames[0].width}x{frames[0].height} -> {out_path}")
+    result(str(out_path))
+
+
+def _run_id(inputs: list[Path]) -> str | None:
+    """The run id of the first run directory among ``inputs`` (for the output's provenance)."""
+    import json
+
+    for item in map(Path, inputs):
+        manifest = item / "manifest.json"
+        if manifest.is_file():
+            try:
+                value = json.loads(manifest.read_text(encoding="utf-8")).get("run_id")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return value if isinstance(value, str) else None
+    return None

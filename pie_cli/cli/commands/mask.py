@@ -1,0 +1,248 @@
+"""`pie mask IMAGE --out MASK.png [regions]` and `pie mask info MASK`. Never imports torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from pie_cli.cli.boundary import guarded
+from pie_cli.cli.console import info, out, result, warn
+from pie_cli.cli.options import DebugOpt, JsonOpt, OverwriteOpt, ResolutionOpt, check_resolution
+from pie_cli.errors import UserError
+
+
+class _MakeByDefault(TyperGroup):
+    """`pie mask IMAGE ...` means `pie mask make IMAGE ...`; `pie mask info ...` stays a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["make", *args]
+        return super().parse_args(ctx, args)
+
+
+mask_app = typer.Typer(
+    cls=_MakeByDefault,
+    help=(
+        "Make, inspect and adjust edit masks (white = edit). `pie mask IMAGE --out MASK.png [regions]` makes one "
+        "in the exact geometry `pie simulate` uses; `pie mask info MASK` describes one."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+_COORDS = "coordinates in original-image pixels, or fractions 0..1 when all values are <= 1"
+
+
+@mask_app.command("make", no_args_is_help=True)
+@guarded
+def make(
+    image: Annotated[
+        Path, typer.Argument(metavar="IMAGE", help="The image the mask is for.", show_default=False)
+    ],
+    out_path: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Mask PNG to write (8-bit grey, 255 = edit).", show_default=False),
+    ],
+    box: Annotated[
+        list[str] | None,
+        typer.Option("--box", metavar="X0,Y0,X1,Y1", help=f"Rectangle; {_COORDS}. Repeatable."),
+    ] = None,
+    ellipse: Annotated[
+        list[str] | None,
+        typer.Option("--ellipse", metavar="CX,CY,RX,RY", help=f"Ellipse; {_COORDS}. Repeatable."),
+    ] = None,
+    polygon: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--polygon", metavar="X1,Y1,X2,Y2,...", help=f"Polygon (even-odd rule); {_COORDS}. Repeatable."
+        ),
+    ] = None,
+    from_mask: Annotated[
+        list[Path] | None,
+        typer.Option("--from", metavar="MASK", help="An existing mask of any mode and size. Repeatable."),
+    ] = None,
+    level: Annotated[float, typer.Option("--level", help="Binarisation level for --from, in (0, 1].")] = 0.5,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--threshold", metavar="LOW[:HIGH]", help="Pixels whose 8-bit intensity is in [LOW, HIGH]."
+        ),
+    ] = None,
+    otsu: Annotated[
+        bool, typer.Option("--otsu", help="Pixels brighter than the image's Otsu threshold.")
+    ] = False,
+    otsu_dark: Annotated[
+        bool, typer.Option("--otsu-dark", help="Pixels at or below the Otsu threshold.")
+    ] = False,
+    keep_largest: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-largest", metavar="K", help="Keep the K largest components of --threshold/--otsu."
+        ),
+    ] = None,
+    auto: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--auto",
+            metavar="lungs|left-lung|right-lung|foreground",
+            help="Heuristic region (check it with --preview).",
+        ),
+    ] = None,
+    dilate: Annotated[int, typer.Option("--dilate", metavar="PX", help="Grow by PX pixels (Euclidean).")] = 0,
+    erode: Annotated[int, typer.Option("--erode", metavar="PX", help="Shrink by PX pixels (Euclidean).")] = 0,
+    fill_holes: Annotated[bool, typer.Option("--fill-holes", help="Fill enclosed holes.")] = False,
+    feather: Annotated[
+        int,
+        typer.Option(
+            "--feather",
+            metavar="PX",
+            help="Soft inner edge: grey ramp over PX pixels (partial edit strength).",
+        ),
+    ] = 0,
+    invert: Annotated[bool, typer.Option("--invert", help="Swap edit and keep (last).")] = False,
+    preview: Annotated[
+        Path | None,
+        typer.Option(
+            "--preview",
+            metavar="PATH",
+            help="Also write the image with the mask tinted and outlined.",
+            show_default=False,
+        ),
+    ] = None,
+    resolution: ResolutionOpt = 512,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Make a mask for IMAGE in `pie simulate`'s geometry: regions are united, then dilate, erode, fill, feather, invert."""
+    from pie_cli.imaging.auto_masks import AUTO_CHOICES
+    from pie_cli.imaging.mask_regions import MaskSpec, build_mask
+    from pie_cli.imaging.masks import mask_to_grey, require_image_size
+    from pie_cli.imaging.media import open_image
+
+    spec = MaskSpec(
+        resolution=resolution,
+        boxes=tuple(box or ()),
+        ellipses=tuple(ellipse or ()),
+        polygons=tuple(polygon or ()),
+        from_masks=tuple(from_mask or ()),
+        level=level,
+        thresholds=tuple(threshold or ()),
+        otsu=otsu,
+        otsu_dark=otsu_dark,
+        keep_largest=keep_largest,
+        auto=tuple(auto or ()),
+        dilate=dilate,
+        erode=erode,
+        fill_holes=fill_holes,
+        feather=feather,
+        invert=invert,
+    )
+    if not spec.has_region():
+        raise UserError(
+            "no region given; use --box, --ellipse, --polygon, --from, --threshold, --otsu or --auto."
+        )
+    for kind in spec.auto:
+        if kind not in AUTO_CHOICES:
+            raise UserError(f"--auto {kind!r} is not one of {', '.join(AUTO_CHOICES)}.")
+    check_resolution(resolution)
+    for name, value in (("--dilate", dilate), ("--erode", erode), ("--feather", feather)):
+        if value < 0:
+            raise UserError(f"{name} must be >= 0 pixels, got {value}.")
+    if keep_largest is not None and keep_largest < 1:
+        raise UserError(f"--keep-largest must be at least 1, got {keep_largest}.")
+    if not 0 < level <= 1:
+        raise UserError(f"--level must be in (0, 1], got {level:g}.")
+    if preview is not None and preview.resolve() == out_path.resolve():
+        raise UserError(f"--preview {preview} is the same file as --out; give it another name.")
+    for path, what in ((out_path, "--out"), (preview, "--preview")):
+        if path is None:
+            continue
+        if path.suffix.lower() != ".png":
+            raise UserError(f"{what} {path} must be a .png file (masks are stored losslessly).")
+        if path.is_dir():
+            raise UserError(f"{what} {path} is a directory; name the file to write.")
+        if path.exists() and not overwrite:
+            raise UserError(f"{what} {path} already exists; pass --overwrite to replace it.")
+        if not path.parent.is_dir():
+            raise UserError(f"{what} {path}: directory {path.parent} does not exist.")
+        if not os.access(path.parent, os.W_OK):
+            raise UserError(f"{what} {path}: directory {path.parent} is not writable.")
+
+    img = open_image(image, "image")
+    require_image_size(img, image)
+    from_images = {p: open_image(p, "--from mask") for p in spec.from_masks}
+    for p, m in from_images.items():
+        mask_to_grey(m, p)  # mode errors now, before any work
+    mask, notes = build_mask(img, spec, from_images)
+    for note in notes:
+        warn(note)
+    if not mask.any():
+        raise UserError(
+            f"the mask for {image} would be empty (no white pixel at --resolution {resolution}); "
+            "check the regions (the centre crop removes the long side's margins) or use --preview."
+        )
+    from PIL import Image
+
+    from pie_cli.imaging.animation import png_writer, write_together
+    from pie_cli.imaging.mask_regions import preview as render_preview
+
+    pictures = [(out_path, Image.fromarray(mask, mode="L"))]
+    if preview is not None:
+        pictures.append((preview, render_preview(img, mask, resolution)))
+    # Both files or neither: a failure writing the preview must not leave a new mask behind.
+    write_together([(path, png_writer(picture)) for path, picture in pictures])
+    coverage = 100.0 * (mask > 0).mean()
+    info(
+        f"mask: {resolution}x{resolution}, {coverage:.1f}% of pixels{', soft edge' if feather else ''} -> {out_path}"
+    )
+    result(str(out_path))
+
+
+@mask_app.command("info", no_args_is_help=True)
+@guarded
+def mask_info(
+    mask: Annotated[Path, typer.Argument(metavar="MASK", help="Mask to describe.", show_default=False)],
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Check the mask fits this image.", show_default=False)
+    ] = None,
+    resolution: ResolutionOpt = 512,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Coverage (pixels and latent cells), bounding box, components, binary or soft; warns about likely mistakes."""
+    from pie_cli.imaging.mask_regions import describe
+    from pie_cli.imaging.media import open_image
+
+    check_resolution(resolution)
+    img = open_image(image, "image") if image is not None else None
+    data = describe(open_image(mask, "mask"), mask, img, resolution)
+    if as_json:
+        result(json.dumps(data, indent=2))
+    else:
+        console = out()
+        w, h = data["size"]
+        console.print(
+            f"mask              {mask} ({w}x{h}, {'binary' if data['binary'] else 'soft'})", markup=False
+        )
+        console.print(
+            f"coverage          {data['coverage_percent']:.2f}% of pixels "
+            f"(mean strength {data['mean_strength_percent']:.2f}%)",
+            markup=False,
+        )
+        if data["latent_cells_percent"] is not None:
+            gw, gh = data["latent_grid"]
+            console.print(
+                f"latent cells      {data['latent_cells_percent']:.2f}% of the {gw}x{gh} grid", markup=False
+            )
+        console.print(
+            f"bounding box      {data['bbox'] if data['bbox'] else '-'} (x0, y0, x1, y1)", markup=False
+        )
+        console.print(f"components        {data['components']}", markup=False)
+    for message in data["warnings"]:
+        warn(message)

@@ -1,0 +1,208 @@
+"""`pie simulate`: options -> checked spec -> model -> progression -> run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pie_cli.cli.options import (
+    DebugOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    ResolutionOpt,
+    SchedulerName,
+    SeedOpt,
+    WatermarkOpt,
+)
+
+
+def simulate(
+    image: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Input image: PNG, JPEG, TIFF, BMP, WebP (8- or 16-bit) or DICOM. Not with --cohort.",
+            metavar="IMAGE",
+            show_default=False,
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt", "-p", help="Clinical report text describing the finding.", show_default=False
+        ),
+    ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            help="Edit mask (white = may change, grey = partly): the image's size or R x R.",
+            show_default=False,
+        ),
+    ] = None,
+    model: ModelOpt = "sd-v1-5",
+    out: OutOpt = None,
+    steps: Annotated[
+        int, typer.Option("--steps", "-n", help="Progression steps N (frames after frame 0).")
+    ] = 10,
+    strength: Annotated[
+        float, typer.Option("--strength", "-g", help="Fraction of the schedule re-run per step, in (0, 1].")
+    ] = 0.5,
+    guidance_scale: Annotated[
+        float, typer.Option("--guidance-scale", "-w", help="Classifier-free guidance scale.")
+    ] = 7.5,
+    beta1: Annotated[
+        float, typer.Option("--beta1", help="Blend weight outside the mask (0 = keep the input).")
+    ] = 0.01,
+    beta2: Annotated[float, typer.Option("--beta2", help="Blend weight inside the mask.")] = 0.75,
+    inference_steps: Annotated[
+        int, typer.Option("--inference-steps", "-T", help="Scheduler steps of a full schedule.")
+    ] = 50,
+    scheduler: Annotated[
+        SchedulerName, typer.Option("--scheduler", help="Denoising scheduler; 'model' = the model's own.")
+    ] = SchedulerName.model,
+    negative_prompt: Annotated[
+        str, typer.Option("--negative-prompt", help="Text for the unconditional branch of guidance.")
+    ] = "",
+    seed: SeedOpt = 42,
+    resolution: ResolutionOpt = 512,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    unet: Annotated[
+        Path | None,
+        typer.Option(
+            "--unet",
+            help="Fine-tuned UNet in diffusers layout (folder or its parent with unet/).",
+            show_default=False,
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="LoRA weights PATH[:WEIGHT] (diffusers format); repeatable.",
+            metavar="PATH[:WEIGHT]",
+            show_default=False,
+        ),
+    ] = None,
+    gif: Annotated[bool, typer.Option("--gif/--no-gif", help="Also write progression.gif.")] = True,
+    trajectories: Annotated[
+        int,
+        typer.Option(
+            "--trajectories", "-k", help="K progressions (seeds seed..seed+K-1) batched; traj_KK/ each."
+        ),
+    ] = 1,
+    prompt_schedule: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompt-schedule",
+            metavar="FILE",
+            show_default=False,
+            help="One prompt per step, or 'step: prompt' lines (held until the next).",
+        ),
+    ] = None,
+    strength_schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--strength-schedule",
+            metavar="LIST|START:END",
+            show_default=False,
+            help="Strength per step: comma list or linear ramp.",
+        ),
+    ] = None,
+    guidance_schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--guidance-schedule",
+            metavar="LIST|START:END",
+            show_default=False,
+            help="Guidance scale per step: comma list or linear ramp.",
+        ),
+    ] = None,
+    cohort: Annotated[
+        Path | None,
+        typer.Option(
+            "--cohort",
+            metavar="CSV",
+            show_default=False,
+            help="Cases (image, mask, prompt, seed, out, any option as a column): one run per case under --out.",
+        ),
+    ] = None,
+    compile_unet: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the UNet (slow start, faster steps).")
+    ] = False,
+    watermark: WatermarkOpt = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Also load .bin/.ckpt pickle weights (they can run code: trusted files only).",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted or killed run in --out where it stopped (bit-identical on CPU).",
+        ),
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Simulate disease progression: frames in which the finding of PROMPT appears and grows inside MASK."""
+    from pie_cli.errors import UserError
+    from pie_cli.simulate.run import SimulateSpec, resume_run, run, run_cohort
+
+    spec = SimulateSpec(
+        image=image,
+        prompt=prompt,
+        mask=mask,
+        model=model,
+        out=out if out is not None else _default_out(image if image is not None else cohort),
+        steps=steps,
+        strength=strength,
+        guidance_scale=guidance_scale,
+        beta1=beta1,
+        beta2=beta2,
+        inference_steps=inference_steps,
+        scheduler=scheduler.value,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        resolution=resolution,
+        device=device,
+        dtype=dtype.value,
+        unet=unet,
+        lora=tuple(lora or ()),
+        gif=gif,
+        overwrite=overwrite,
+        trajectories=trajectories,
+        prompt_schedule=prompt_schedule,
+        strength_schedule=strength_schedule,
+        guidance_schedule=guidance_schedule,
+        compile=compile_unet,
+        watermark=watermark,
+        allow_pickle=allow_pickle,
+    )
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out DIR, the run directory to continue.")
+        if image is not None or cohort is not None or overwrite:
+            raise UserError(
+                "--resume continues --out DIR with its own settings; drop IMAGE, --cohort and --overwrite."
+            )
+        resume_run(out, spec)
+    elif cohort is not None:
+        run_cohort(cohort, spec)
+    else:
+        run(spec)
+
+
+def _default_out(name: Path | None) -> Path:
+    from pie_cli.runs.writer import default_out_dir
+
+    return default_out_dir(name or Path("run"))

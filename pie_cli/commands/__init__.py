@@ -1,1 +1,0 @@
-"""One module per subcommand. Modules import only typer and pie's light modules at import time."""

@@ -1,0 +1,396 @@
+"""Progressive Image Editing (PIE, Liang et al. 2023) over diffusers components.
+
+This module is the algorithm and nothing else: it takes loaded components, a PIL image,
+an optional PIL mask and the parameters, and yields frames one by one. No files, no
+terminal, no global RNG: every random draw is a ``torch.randn``-family call with the
+one ``torch.Generator`` passed in, so a run is reproducible and can be made noise-free
+by patching ``torch.randn``.
+
+The semantics follow DESIGN.md section 2 exactly (they are compared, noise-free, with an
+independent implementation):
+
+    prepare:  x0 -> z_init = sf * sample(VAE.encode(x0)); text embeddings of [negative, prompt];
+              M = bilinear (no antialias) mask at latent size, in [0, 1];
+              ts = scheduler.timesteps[T - k:] with k = min(int(T * strength), T)
+    step n:   z   = sf * sample(VAE.encode(x_{n-1}));  z_t = add_noise(z, e, ts[0])
+              ref_i = add_noise(z_init, e', ts[i])     (one e' for the whole step)
+              for i, t in enumerate(ts):
+                  if mask and i > 0: z_t = ref_i * (1 - M) + z_t * M
+                  eps = eps_u + w * (eps_c - eps_u);  z_t = scheduler.step(eps, t, z_t)
+              z_out = z_init + (z_t - z_init) * (b1 * (1 - M) + b2 * M)   (z_t without a mask)
+              x_n = 8-bit RGB of clamp(VAE.decode(z_out / sf) / 2 + 0.5, 0, 1)
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pie_cli.core.parameters import PieConfig, denoise_count
+from pie_cli.errors import NumericalError
+from pie_cli.imaging.masks import prepare_mask
+from pie_cli.imaging.media import prepare_image
+
+__all__ = ["Components", "Frame", "PieConfig", "ResumePoint", "denoise_count", "progress", "progress_batch"]
+
+# on_denoise(progression_step, denoise_index (1-based), denoise_total)
+DenoiseCallback = Callable[[int, int, int], None]
+
+
+@dataclass
+class Components:
+    """The five parts of a Stable Diffusion 1.x model that PIE drives."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> Components:
+        """Take the components of a loaded diffusers Stable Diffusion pipeline."""
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a progression: index 0 is the preprocessed input."""
+
+    index: int
+    image: Image.Image
+    seconds: float
+
+
+def fresh_scheduler(components: Components) -> Any:
+    """A private copy of the model's scheduler, so runs never share scheduler state."""
+    sched = components.scheduler
+    return type(sched).from_config(sched.config)
+
+
+def step_timesteps(
+    scheduler: Any, inference_steps: int, strength: float, device: torch.device
+) -> torch.Tensor:
+    """Reset ``scheduler`` for a new progression step and return ``ts = timesteps[T - k:]``.
+
+    The slice is taken exactly as written: with PNDM, whose list holds one repeated
+    entry, that is k + 1 timesteps; with DDIM it is k.
+    """
+    k = denoise_count(inference_steps, strength)
+    scheduler.set_timesteps(inference_steps, device=device)
+    if hasattr(scheduler, "set_begin_index"):
+        # Sigma-based schedulers (Euler, DPM-Solver) look up the noise level by position.
+        scheduler.set_begin_index(inference_steps - k)
+    return scheduler.timesteps[inference_steps - k :]
+
+
+def count_prompt_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of ``text`` including BOS/EOS; CLIP reads at most ``tokenizer.model_max_length``."""
+    return len(tokenizer(text, truncation=False).input_ids)
+
+
+def image_to_tensor(img: Image.Image, device: torch.device) -> torch.Tensor:
+    """8-bit RGB PIL image -> float32 tensor [1, 3, H, W] in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255.0
+    return (x * 2.0 - 1.0).to(device)
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """Decoded tensor [1, 3, H, W] in VAE range -> 8-bit RGB: clamp(x / 2 + 0.5, 0, 1), rounded."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    arr = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def mask_to_latent(
+    mask: Image.Image, size: tuple[int, int], channels: int, device: torch.device
+) -> torch.Tensor:
+    """8-bit mask -> [1, C, h, w] in [0, 1]: bilinear resize without antialiasing, then / 255."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32).copy())[None, None].to(device)
+    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False, antialias=False)
+    return (m / 255.0).repeat(1, channels, 1, 1)
+
+
+@torch.no_grad()
+def encode_text(components: Components, texts: list[str]) -> torch.Tensor:
+    """CLIP embeddings of ``texts``, padded to the tokenizer's max length."""
+    tok = components.tokenizer
+    batch = tok(
+        texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
+    enc = components.text_encoder
+    device = next(enc.parameters()).device
+    attention_mask = None
+    if getattr(enc.config, "use_attention_mask", False):
+        attention_mask = batch.attention_mask.to(device)
+    return enc(batch.input_ids.to(device), attention_mask=attention_mask)[0]
+
+
+@torch.no_grad()
+def encode_posterior(components: Components, x: torch.Tensor) -> Any:
+    """The VAE's posterior distribution for an image tensor in [-1, 1]."""
+    vae = components.vae
+    return vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+
+
+def sample_latents(components: Components, posterior: Any, generators: list[torch.Generator]) -> torch.Tensor:
+    """scaling_factor * sample(posterior), in float32; batch element k draws from ``generators[k]``."""
+    gens = generators if len(generators) > 1 else generators[0]
+    return components.vae.config.scaling_factor * posterior.sample(generator=gens).float()
+
+
+@torch.no_grad()
+def decode_latents(components: Components, z: torch.Tensor, step: int | None = None) -> list[Image.Image]:
+    """8-bit frames of latents ``z``; NaN/inf in the decoded tensor is a ``NumericalError``, never a black frame."""
+    vae = components.vae
+    x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample
+    if not torch.isfinite(x).all():
+        where = f"progression step {step}" if step is not None else "decoding"
+        raise NumericalError(
+            f"{where}: the VAE decoded NaN or infinite pixels (a numerical overflow, typical of an fp16 VAE); "
+            "nothing was written for it. Rerun with --dtype fp32."
+        )
+    return [tensor_to_image(x[k : k + 1]) for k in range(x.shape[0])]
+
+
+def _require_finite(z: torch.Tensor, step: int, what: str) -> None:
+    if not torch.isfinite(z).all():
+        raise NumericalError(
+            f"progression step {step} produced NaN or infinite {what} (a numerical overflow); "
+            "nothing was written for it. Rerun with --dtype fp32."
+        )
+
+
+def randn_like(z: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``z``; row k drawn with ``generators[k]`` on its own device.
+
+    Drawing row by row makes trajectory k of a batch draw exactly what a single run with
+    ``generators[k]`` draws.
+    """
+    rows = [
+        torch.randn((1, *z.shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(z.device)
+        for g in generators
+    ]
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _repeat_posterior(posterior: Any, k: int) -> Any:
+    """The same posterior for ``k`` trajectories (sampled independently)."""
+    if k == 1:
+        return posterior
+    return type(posterior)(posterior.parameters.repeat(k, 1, 1, 1))
+
+
+@dataclass
+class _Prepared:
+    """Everything computed once per run (K trajectories share the input, mask and text)."""
+
+    x0: Image.Image
+    z_init: torch.Tensor  # [K, C, h, w]: each trajectory samples its own
+    posterior0: Any  # frame 0's posterior, repeated K times
+    mask: torch.Tensor | None
+    negative: torch.Tensor  # [1, L, D]
+    prompts: dict[str, torch.Tensor]  # prompt -> [1, L, D]
+
+
+@torch.no_grad()
+def _prepare(
+    components: Components,
+    image: Image.Image,
+    mask: Image.Image | None,
+    config: PieConfig,
+    generators: list[torch.Generator],
+) -> _Prepared:
+    device = components.device
+    # 1. Frame 0: the input, 8-bit RGB, short side resized to R and centre-cropped.
+    x0 = prepare_image(image, config.resolution)
+    # 2. Text, once per run and in one batch: the unconditional (negative) text, then every prompt.
+    prompts = config.prompts()
+    embeddings = encode_text(components, [config.negative_prompt, *prompts]).to(components.unet.dtype)
+    by_prompt = {p: embeddings[i + 1 : i + 2] for i, p in enumerate(prompts)}
+    # 3. Initial latents, once per run.
+    posterior0 = _repeat_posterior(encode_posterior(components, image_to_tensor(x0, device)), len(generators))
+    z_init = sample_latents(components, posterior0, generators)
+    # 4. Mask at latent size.
+    latent_mask = None
+    if mask is not None:
+        m8 = prepare_mask(mask, image.size, config.resolution)
+        latent_mask = mask_to_latent(m8, tuple(z_init.shape[-2:]), z_init.shape[1], device)
+    return _Prepared(x0, z_init, posterior0, latent_mask, embeddings[:1], by_prompt)
+
+
+def _frames_to_tensor(frames: list[Image.Image], device: torch.device) -> torch.Tensor:
+    return torch.cat([image_to_tensor(f, device) for f in frames])
+
+
+@torch.no_grad()
+def _progression_step(
+    components: Components,
+    prep: _Prepared,
+    x_prev: list[Image.Image],
+    n: int,
+    config: PieConfig,
+    generators: list[torch.Generator],
+    on_denoise: DenoiseCallback | None,
+) -> list[Image.Image]:
+    device = components.device
+    unet = components.unet
+    k = len(generators)
+    scheduler = fresh_scheduler(components)
+    ts = step_timesteps(scheduler, config.inference_steps, config.strength_at(n), device)
+    step_accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+    guidance = config.guidance_at(n)
+    text = torch.cat([prep.negative] * k + [prep.prompts[config.prompt_at(n)]] * k)
+
+    # 1. Latents of the previous frames (their 8-bit images), noised to ts[0].
+    #    Frame 0's posterior is already known from the preparation: no second encode.
+    posterior = prep.posterior0 if n == 1 else encode_posterior(components, _frames_to_tensor(x_prev, device))
+    z = sample_latents(components, posterior, generators)
+    _require_finite(z, n, "latents when encoding the previous frame")
+    z_t = scheduler.add_noise(z, randn_like(z, generators), ts[:1])
+    # 2. One noise tensor per trajectory for the reference latents of every timestep of this step.
+    ref_noise = randn_like(prep.z_init, generators)
+
+    # 3. Masked denoising with classifier-free guidance: one UNet call (batch 2K) per timestep.
+    total = len(ts)
+    for i, t in enumerate(ts):
+        if prep.mask is not None and i > 0:
+            # ref_i = add_noise(z_init, e', ts[i]); computed here rather than up front so
+            # that schedulers which look noise levels up by position see the right one.
+            ref = scheduler.add_noise(prep.z_init, ref_noise, t.reshape(1))
+            z_t = ref * (1 - prep.mask) + z_t * prep.mask
+        model_in = scheduler.scale_model_input(torch.cat([z_t, z_t]), t)
+        eps = unet(model_in.to(unet.dtype), t, encoder_hidden_states=text, return_dict=False)[0]
+        eps_u, eps_c = eps.float().chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        extra = {"generator": generators if k > 1 else generators[0]} if step_accepts_generator else {}
+        z_t = scheduler.step(eps, t, z_t, return_dict=False, **extra)[0].float()
+        if on_denoise is not None:
+            on_denoise(n, i + 1, total)
+
+    # 4. Blend against the initial latents: b1 outside the mask, b2 inside.
+    if prep.mask is None:
+        z_out = z_t
+    else:
+        weight = config.beta1 * (1 - prep.mask) + config.beta2 * prep.mask
+        z_out = prep.z_init + (z_t - prep.z_init) * weight
+
+    _require_finite(z_out, n, "latents")
+    # 5. Decode to 8-bit frames; the next step starts from these rounded images.
+    return decode_latents(components, z_out, step=n)
+
+
+def _configure(
+    components: Any, config: PieConfig | None, params: dict[str, Any]
+) -> tuple[Components, PieConfig]:
+    if not isinstance(components, Components):
+        components = Components.from_pipeline(components)
+    if config is None:
+        config = PieConfig(**params)
+    elif params:
+        raise TypeError("pass either config or keyword parameters, not both")
+    config.check()
+    return components, config
+
+
+def progress_batch(
+    components: Components | Any,
+    image: Image.Image,
+    mask: Image.Image | None = None,
+    config: PieConfig | None = None,
+    *,
+    generators: list[torch.Generator] | None = None,
+    seeds: list[int] | None = None,
+    on_denoise: DenoiseCallback | None = None,
+    resume: ResumePoint | None = None,
+    **params: Any,
+) -> Iterator[list[Frame]]:
+    """K independent progressions of one image, batched: yields K frames per step.
+
+    Trajectory k uses ``generators[k]`` (or a CPU generator seeded ``seeds[k]``) and equals,
+    to float tolerance, a single :func:`progress` run with that generator; every denoising
+    step is one UNet call with batch 2K.
+
+    After each yield the generators are exactly where the next step will start drawing, so
+    a caller can save ``g.get_state()`` with the frames. ``resume`` continues such a run: the
+    generators must be freshly seeded as for the original run (the preparation draws again),
+    then they are set to the saved states and the progression goes on from ``resume.step + 1``
+    with the saved frames; on CPU the frames equal an uninterrupted run's bit for bit.
+    Nothing is yielded for the steps already done.
+    """
+    components, config = _configure(components, config, params)
+    if generators is None:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in (seeds or [42])]
+    start = time.perf_counter()
+    prep = _prepare(components, image, mask, config, generators)
+    seconds = time.perf_counter() - start
+    first = 1
+    frames = [prep.x0] * len(generators)
+    if resume is None:
+        yield [Frame(0, prep.x0, seconds) for _ in generators]
+    else:
+        if len(resume.rng_states) != len(generators) or len(resume.frames) != len(generators):
+            raise ValueError("resume point has a different number of trajectories")
+        for g, state in zip(generators, resume.rng_states, strict=True):
+            g.set_state(state)
+        first = resume.step + 1
+        if resume.step > 0:
+            frames = [f.convert("RGB") for f in resume.frames]
+    for n in range(first, config.steps + 1):
+        start = time.perf_counter()
+        frames = _progression_step(components, prep, frames, n, config, generators, on_denoise)
+        seconds = time.perf_counter() - start
+        yield [Frame(n, f, seconds) for f in frames]
+
+
+@dataclass
+class ResumePoint:
+    """Where an interrupted progression stopped: its last whole step, those frames, the RNG states."""
+
+    step: int
+    frames: list[Image.Image]
+    rng_states: list[torch.Tensor]
+
+
+def progress(
+    components: Components | Any,
+    image: Image.Image,
+    mask: Image.Image | None = None,
+    config: PieConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int = 42,
+    on_denoise: DenoiseCallback | None = None,
+    **params: Any,
+) -> Iterator[Frame]:
+    """Run PIE and yield frames x0 .. xN one by one (x0 is the preprocessed input).
+
+    ``components`` is a :class:`Components` or a diffusers Stable Diffusion pipeline.
+    ``image`` and ``mask`` are PIL images of any size (the mask either the image's size
+    or R x R). Parameters come as a :class:`PieConfig` or as keyword arguments
+    (``prompt=..., steps=..., strength=...``). Without ``generator``, a CPU generator
+    seeded with ``seed`` is used; a CPU generator gives the same frames on every device
+    up to floating-point differences.
+    """
+    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
+    for frames in progress_batch(
+        components, image, mask, config, generators=[generator], on_denoise=on_denoise, **params
+    ):
+        yield frames[0]

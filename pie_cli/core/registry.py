@@ -1,0 +1,404 @@
+"""The model registry: one place that turns a model reference into local files.
+
+A reference is, in this order of precedence:
+
+1. a user alias (``pie models add NAME TARGET``), stored in ``$PIE_HOME/models.json``;
+2. a built-in alias (``sd-v1-4``, ``sd-v1-5``, ``mimic-cxr``);
+   (a bare name is an alias even if a folder of that name is in the working directory;
+   write ``./name`` for the folder)
+3. a path to a local directory in diffusers layout;
+4. a Hugging Face repo id (``org/name`` or ``org/name@revision``), taken from the local
+   HF cache only. Nothing here touches the network; ``pie models pull`` downloads.
+
+This module only reads small JSON files and directory listings (no torch), so
+``pie models list`` is instant. Loading weights is ``pie_cli.core.loading``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pie_cli.errors import UserError
+from pie_cli.imaging.media import write_text
+from pie_cli.paths import hf_hub_cache, pie_home
+
+BUILTIN_ALIASES: dict[str, str] = {
+    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
+    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "mimic-cxr": "IrohXu/stable-diffusion-mimic-cxr-v0.1",
+}
+# Shipped inside the package: always available offline.
+BUILTIN_LOCAL: dict[str, Path] = {"demo": Path(__file__).parent.parent / "demo" / "model"}
+BUILTIN_NOTES: dict[str, str] = {
+    "demo": "tiny model trained on synthetic chest phantoms (64 px), shipped with pie",
+    "sd-v1-4": "Stable Diffusion 1.4 (CompVis)",
+    "sd-v1-5": "Stable Diffusion 1.5",
+    "mimic-cxr": "SD fine-tuned on MIMIC-CXR report-image pairs (PIE paper)",
+}
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+ALIAS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors",)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A diffusers-format LoRA (a directory or a ``.safetensors`` file) and its weight."""
+
+    path: Path
+    weight: float = 1.0
+
+    def spec(self) -> str:
+        return f"{self.path}:{self.weight:g}"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model reference: where its files are and how it was found."""
+
+    reference: str
+    path: Path
+    origin: str  # "directory" | "hf-cache" | "built-in"
+    repo_id: str | None = None
+    revision: str | None = None  # commit hash for hf-cache models
+    alias: str | None = None
+    unet: Path | None = None  # a fine-tuned UNet replacing the model's own
+    loras: tuple[Adapter, ...] = ()
+
+    def describe(self) -> dict:
+        return {
+            "reference": self.reference,
+            "path": str(self.path),
+            "origin": self.origin,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "alias": self.alias,
+            "unet": str(self.unet) if self.unet else None,
+            "loras": [a.spec() for a in self.loras],
+        }
+
+
+@dataclass
+class UserModel:
+    """One entry of ``models.json``."""
+
+    target: str
+    kind: str = "model"  # model | lora | unet
+    base: str | None = None  # for lora / unet entries: the model they apply to
+    weight: float = 1.0
+    added: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def user_models_file() -> Path:
+    return pie_home() / "models.json"
+
+
+def load_user_models() -> dict[str, UserModel]:
+    path = user_models_file()
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {name: UserModel(**entry) for name, entry in data.get("models", {}).items()}
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise UserError(f"model registry {path} is not valid ({exc}); fix or delete it.") from None
+
+
+@contextmanager
+def edit_user_models() -> Iterator[dict[str, UserModel]]:
+    """Read, change and write the registry under a cross-process lock.
+
+    Two `pie models add` at once (a cluster array job) must not lose either entry: the
+    read-modify-write runs under ``models.json.lock`` and the write itself is atomic.
+    """
+    from filelock import FileLock, Timeout
+
+    path = user_models_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(path) + ".lock", timeout=60):
+            models = load_user_models()
+            yield models
+            save_user_models(models)
+    except Timeout:
+        raise UserError(
+            f"model registry {path} stayed locked for 60 s by another pie process; retry."
+        ) from None
+
+
+def save_user_models(models: dict[str, UserModel]) -> None:
+    path = user_models_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"version": 1, "models": {name: asdict(m) for name, m in sorted(models.items())}}
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- layout checks
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "model_index.json").is_file()
+        or all((path / c).is_dir() for c in ("unet", "vae", "text_encoder"))
+    )
+
+
+def missing_components(path: Path) -> list[str]:
+    return [c for c in COMPONENTS if not (path / c).is_dir()]
+
+
+def check_model_dir(path: Path, reference: str) -> None:
+    """Raise a ``UserError`` unless ``path`` holds a complete SD 1.x model in diffusers layout."""
+    if lora_weight_file(path) is not None:
+        raise UserError(
+            f"model {reference} is a LoRA adapter, not a model; pass it with --lora "
+            "or register it with `pie models add NAME PATH --base MODEL`."
+        )
+    if unet_config_dir(path) == path:
+        raise UserError(f"model {reference} is a UNet alone; pass it with --unet on top of a full --model.")
+    missing = missing_components(path)
+    if missing:
+        raise UserError(
+            f"model {reference} ({path}) is not a Stable Diffusion model in diffusers layout: "
+            f"missing {', '.join(m + '/' for m in missing)}."
+        )
+
+
+def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle files) directly inside ``folder``."""
+    if not folder.is_dir():
+        return [], []
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return (
+        [p for p in files if p.suffix == ".safetensors"],
+        [p for p in files if p.suffix in PICKLE_SUFFIXES],
+    )
+
+
+def lora_weight_file(path: Path) -> Path | None:
+    """The LoRA weights file of ``path`` (a file, or a directory holding one), else None."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if path.is_dir() and not (path / "model_index.json").exists() and not (path / "config.json").exists():
+        for name in LORA_WEIGHT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        candidates = sorted(path.glob("*lora*.safetensors"))
+        if len(candidates) == 1:
+            return candidates[0]
+    return None
+
+
+def unet_config_dir(path: Path) -> Path | None:
+    """The folder holding a UNet's config.json: ``path/unet`` or ``path`` itself."""
+    for folder in (path / "unet", path):
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                if json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == "UNet2DConditionModel":
+                    return folder
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def hf_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str] | None:
+    """(snapshot folder, commit hash) of a repo in the local HF cache, or None if absent."""
+    repo_dir = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    if not repo_dir.is_dir():
+        return None
+    rev = revision or "main"
+    commit = rev
+    ref = repo_dir / "refs" / rev
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+    snapshot = repo_dir / "snapshots" / commit
+    if not snapshot.is_dir():
+        return None
+    return snapshot, commit
+
+
+def looks_like_path(reference: str) -> bool:
+    return reference.startswith((".", "/", "~")) or "\\" in reference or reference.endswith(".safetensors")
+
+
+def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
+    """Resolve a model reference to local files, or raise a ``UserError`` saying what to do."""
+    reference = reference.strip()
+    if not reference:
+        raise UserError(
+            "--model is empty; give a model directory, an alias (see `pie models list`) or a repo id."
+        )
+    users = load_user_models()
+    explicit_path = "/" in reference or "\\" in reference or reference.startswith((".", "~"))
+    if not explicit_path and reference in users:  # an alias wins over a same-named folder in the cwd
+        if reference in _seen:
+            raise UserError(f"model alias {reference} refers to itself through {' -> '.join(_seen)}.")
+        return _resolve_user(reference, users[reference], _seen + (reference,))
+    if not explicit_path and reference in BUILTIN_LOCAL:
+        local = BUILTIN_LOCAL[reference]
+        if not (local / "model_index.json").is_file():
+            raise UserError(
+                f"the built-in {reference} model is missing from this installation ({local}); "
+                "build it with `make demo-model`."
+            )
+        return ModelSource(reference, local, "built-in", alias=reference)
+    if not explicit_path and reference in BUILTIN_ALIASES:
+        source = _resolve_repo(BUILTIN_ALIASES[reference], None, reference)
+        return ModelSource(**{**source.__dict__, "reference": reference, "alias": reference})
+    path = Path(reference).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise UserError(
+                f"model {reference} is a single file; pie needs a model in diffusers layout "
+                "(a directory with unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+            )
+        check_model_dir(path, reference)
+        return ModelSource(reference, path.resolve(), "directory")
+    if looks_like_path(reference):
+        raise UserError(f"model directory {reference} does not exist.")
+    match = REPO_ID.match(reference)
+    if match:
+        return _resolve_repo(match["repo"], match["rev"], reference)
+    known = sorted(set(BUILTIN_ALIASES) | set(BUILTIN_LOCAL) | set(users))
+    raise UserError(
+        f"unknown model {reference!r}: not a directory, an alias ({', '.join(known)}) or a Hugging Face repo id."
+    )
+
+
+def _resolve_repo(repo_id: str, revision: str | None, reference: str) -> ModelSource:
+    found = hf_snapshot(repo_id, revision)
+    if found is None:
+        rev = f"@{revision}" if revision else ""
+        raise UserError(
+            f"model {reference} ({repo_id}{rev}) is not in the local Hugging Face cache ({hf_hub_cache()}); "
+            f"download it once with `pie models pull {reference}`."
+        )
+    snapshot, commit = found
+    check_model_dir(snapshot, reference)
+    return ModelSource(reference, snapshot, "hf-cache", repo_id=repo_id, revision=commit)
+
+
+def _resolve_user(name: str, entry: UserModel, seen: tuple[str, ...]) -> ModelSource:
+    if entry.kind == "model":
+        source = resolve(entry.target, _seen=seen)
+        return ModelSource(**{**source.__dict__, "reference": name, "alias": name})
+    if not entry.base:
+        raise UserError(f"model alias {name} is a {entry.kind} without a base model; re-add it with --base.")
+    base = resolve(entry.base, _seen=seen)
+    target = Path(entry.target)
+    if not target.exists():
+        raise UserError(f"model alias {name} points to {target}, which no longer exists.")
+    if entry.kind == "lora":
+        loras = (*base.loras, Adapter(target, entry.weight))
+        return ModelSource(**{**base.__dict__, "reference": name, "alias": name, "loras": loras})
+    return ModelSource(**{**base.__dict__, "reference": name, "alias": name, "unet": target})
+
+
+def classify_target(target: str) -> str:
+    """What a ``pie models add`` target is: model, lora or unet."""
+    path = Path(target).expanduser()
+    if path.exists():
+        if lora_weight_file(path) is not None:
+            return "lora"
+        if is_model_dir(path):
+            return "model"
+        if unet_config_dir(path) is not None:
+            return "unet"
+        raise UserError(
+            f"{target} is neither a model in diffusers layout, a UNet folder nor a LoRA adapter "
+            "(pytorch_lora_weights.safetensors)."
+        )
+    return "model"
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_lora(spec: str) -> Adapter:
+    """``PATH`` or ``PATH:WEIGHT`` -> Adapter (the path must exist)."""
+    path_part, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path_part = head
+        except ValueError:
+            pass
+    path = Path(path_part).expanduser()
+    if not path.exists():
+        raise UserError(f"--lora {spec}: {path} does not exist.")
+    if lora_weight_file(path) is None:
+        raise UserError(
+            f"--lora {spec}: {path} holds no LoRA weights (expected pytorch_lora_weights.safetensors "
+            "or a .safetensors file)."
+        )
+    return Adapter(path.resolve(), weight)
+
+
+def resolve_unet_path(spec: Path) -> Path:
+    """``--unet PATH``: a fine-tuned UNet in diffusers layout, its ``unet/`` subfolder or itself."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"--unet {spec} does not exist.")
+    folder = unet_config_dir(path)
+    if folder is None:
+        raise UserError(
+            f"--unet {spec} is not a UNet in diffusers layout "
+            "(expected config.json of a UNet2DConditionModel there or in its unet/ subfolder)."
+        )
+    return folder.resolve()
+
+
+def model_summary(path: Path) -> dict:
+    """A light description of a model directory, read from its JSON configs."""
+    info: dict = {"components": {}}
+    index = path / "model_index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        info["pipeline"] = data.get("_class_name")
+    for comp in COMPONENTS:
+        folder = path / comp
+        entry: dict = {"present": folder.is_dir()}
+        cfg_name = "scheduler_config.json" if comp == "scheduler" else "config.json"
+        cfg_file = folder / cfg_name
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            entry["class"] = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+        safe, pickle = weight_files(folder)
+        if safe or pickle:
+            entry["weights"] = "safetensors" if safe else "pickle only"
+            entry["bytes"] = sum(p.stat().st_size for p in (safe or pickle))
+        info["components"][comp] = entry
+    vae_cfg = path / "vae" / "config.json"
+    if vae_cfg.is_file():
+        vae = json.loads(vae_cfg.read_text(encoding="utf-8"))
+        info["vae_scale_factor"] = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        info["vae_force_upcast"] = bool(vae.get("force_upcast", True))
+    unet_cfg = path / "unet" / "config.json"
+    if unet_cfg.is_file():
+        unet = json.loads(unet_cfg.read_text(encoding="utf-8"))
+        info["cross_attention_dim"] = unet.get("cross_attention_dim")
+        info["sample_size"] = unet.get("sample_size")
+    return info
+
+
+def vae_force_upcast(path: Path) -> bool:
+    cfg = path / "vae" / "config.json"
+    try:
+        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("force_upcast", True))
+    except (OSError, json.JSONDecodeError):
+        return True

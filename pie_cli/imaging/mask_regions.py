@@ -1,0 +1,312 @@
+"""Building masks from regions (``pie mask``) and describing them (``pie mask info``).
+
+Every region is evaluated at the centres of the output pixels, mapped back into the
+original image's coordinates through the same geometry ``pie simulate`` uses (short side
+resized to R, centre crop). So a box given in original-image pixels lands exactly where
+those pixels end up in the R x R working image. Pure numpy/PIL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pie_cli.errors import UserError
+from pie_cli.imaging.auto_masks import HeuristicFailed, auto_mask
+from pie_cli.imaging.masks import latent_mask, mask_to_grey
+from pie_cli.imaging.media import MASK_RESAMPLE, fit_square, prepare_image, square_geometry
+from pie_cli.imaging.morphology import (
+    component_sizes,
+    dilate,
+    distance_within,
+    erode,
+    feather,
+    fill_holes,
+    keep_largest,
+    label,
+    otsu_threshold,
+    outline,
+)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What ``pie mask`` was asked for. Coordinates are strings as typed (parsed here)."""
+
+    resolution: int = 512
+    boxes: tuple[str, ...] = ()
+    ellipses: tuple[str, ...] = ()
+    polygons: tuple[str, ...] = ()
+    from_masks: tuple[Path, ...] = ()
+    level: float = 0.5
+    thresholds: tuple[str, ...] = ()
+    otsu: bool = False
+    otsu_dark: bool = False
+    keep_largest: int | None = None
+    auto: tuple[str, ...] = ()
+    dilate: int = 0
+    erode: int = 0
+    fill_holes: bool = False
+    feather: int = 0
+    invert: bool = False
+
+    def has_region(self) -> bool:
+        return bool(
+            self.boxes
+            or self.ellipses
+            or self.polygons
+            or self.from_masks
+            or self.thresholds
+            or self.otsu
+            or self.otsu_dark
+            or self.auto
+        )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_numbers(text: str, option: str, expected: str, count: int | None = None) -> list[float]:
+    """``"1,2,3"`` -> [1.0, 2.0, 3.0], or a ``UserError`` naming the option and the expected form."""
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a list of numbers {expected}.") from None
+    if count is not None and len(values) != count:
+        raise UserError(f"{option} {text!r} needs {count} numbers {expected}, got {len(values)}.")
+    if any(not np.isfinite(v) for v in values):
+        raise UserError(f"{option} {text!r} contains a non-finite number.")
+    return values
+
+
+def _to_pixels(values: list[float], size: tuple[int, int]) -> list[float]:
+    """Fractions 0..1 (when every value is <= 1) -> pixels; x values scale by width, y by height."""
+    if all(0 <= v <= 1 for v in values):
+        w, h = size
+        return [v * (w if i % 2 == 0 else h) for i, v in enumerate(values)]
+    return values
+
+
+def parse_threshold(text: str) -> tuple[float, float]:
+    """``LOW[:HIGH]`` on 8-bit intensity, inclusive."""
+    low_s, _, high_s = text.partition(":")
+    try:
+        low = float(low_s)
+        high = float(high_s) if high_s else 255.0
+    except ValueError:
+        raise UserError(
+            f"--threshold {text!r} must be LOW or LOW:HIGH with 8-bit intensities (0-255)."
+        ) from None
+    if not (0 <= low <= 255 and 0 <= high <= 255) or high < low:
+        raise UserError(f"--threshold {text!r} must satisfy 0 <= LOW <= HIGH <= 255.")
+    return low, high
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def pixel_centres(image_size: tuple[int, int], resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Original-image coordinates (X, Y) of the centres of the R x R working pixels."""
+    w, h = image_size
+    (rw, rh), (left, top, _, _) = square_geometry(image_size, resolution)
+    cols = (np.arange(resolution) + 0.5 + left) * (w / rw)
+    rows = (np.arange(resolution) + 0.5 + top) * (h / rh)
+    return np.meshgrid(cols, rows)
+
+
+def _check_overlap(
+    option: str, text: str, x0: float, y0: float, x1: float, y1: float, size: tuple[int, int]
+) -> None:
+    w, h = size
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        raise UserError(f"{option} {text} lies outside the image ({w}x{h} pixels).")
+
+
+def box_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    x0, y0, x1, y1 = _to_pixels(parse_numbers(text, "--box", "X0,Y0,X1,Y1", 4), size)
+    if x1 <= x0 or y1 <= y0:
+        raise UserError(f"--box {text}: X1 must be greater than X0 and Y1 greater than Y0.")
+    _check_overlap("--box", text, x0, y0, x1, y1, size)
+    return (x0 <= X) & (x1 > X) & (y0 <= Y) & (y1 > Y)
+
+
+def ellipse_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    cx, cy, rx, ry = _to_pixels(parse_numbers(text, "--ellipse", "CX,CY,RX,RY", 4), size)
+    if rx <= 0 or ry <= 0:
+        raise UserError(f"--ellipse {text}: the radii RX and RY must be positive.")
+    _check_overlap("--ellipse", text, cx - rx, cy - ry, cx + rx, cy + ry, size)
+    return ((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 <= 1.0
+
+
+def polygon_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    values = parse_numbers(text, "--polygon", "X1,Y1,X2,Y2,...")
+    if len(values) < 6 or len(values) % 2:
+        raise UserError(f"--polygon {text!r} needs at least three X,Y points (an even count of numbers).")
+    pts = np.array(_to_pixels(values, size)).reshape(-1, 2)
+    _check_overlap(
+        "--polygon", text, pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max(), size
+    )
+    inside = np.zeros(X.shape, dtype=bool)
+    for (xa, ya), (xb, yb) in zip(pts, np.roll(pts, -1, axis=0), strict=True):
+        if ya == yb:
+            continue
+        crosses = (ya > Y) != (yb > Y)
+        x_at = xa + (Y - ya) * (xb - xa) / (yb - ya)
+        inside ^= crosses & (x_at > X)
+    return inside
+
+
+def from_mask_region(
+    img: Image.Image, path: Path, image_size: tuple[int, int], spec: MaskSpec
+) -> tuple[np.ndarray, str | None]:
+    """An existing mask of any mode and size, brought to the working geometry, binarised at ``level``.
+
+    Returns the region and a note when the mask had to be stretched to the image's aspect ratio.
+    """
+    grey = mask_to_grey(img, path)
+    r = spec.resolution
+    note = None
+    if grey.size == image_size:
+        grey = fit_square(grey, r, resample=MASK_RESAMPLE)
+    elif grey.size != (r, r):
+        (gw, gh), (iw, ih) = grey.size, image_size
+        if abs(gw / gh - iw / ih) > 0.01 * (iw / ih):
+            note = f"--from {path} is {gw}x{gh}, another aspect ratio than the image's {iw}x{ih}; it was stretched."
+        grey = fit_square(grey.resize(image_size, MASK_RESAMPLE), r, resample=MASK_RESAMPLE)
+    return np.asarray(grey, dtype=np.float64) / 255.0 >= spec.level, note
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_mask(
+    image: Image.Image, spec: MaskSpec, from_images: dict[Path, Image.Image] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """The R x R uint8 mask (255 = edit) for ``image`` (original, any size) and ``spec``, plus notes."""
+    notes: list[str] = []
+    size = image.size
+    r = spec.resolution
+    X, Y = pixel_centres(size, r)
+    region = np.zeros((r, r), dtype=bool)
+    for text in spec.boxes:
+        region |= box_region(text, size, X, Y)
+    for text in spec.ellipses:
+        region |= ellipse_region(text, size, X, Y)
+    for text in spec.polygons:
+        region |= polygon_region(text, size, X, Y)
+    for path in spec.from_masks:
+        found, note = from_mask_region((from_images or {})[path], path, size, spec)
+        region |= found
+        if note:
+            notes.append(note)
+
+    gray = np.asarray(prepare_image(image, r).convert("L"))
+    intensity = np.zeros((r, r), dtype=bool)
+    for text in spec.thresholds:
+        low, high = parse_threshold(text)
+        intensity |= (gray >= low) & (gray <= high)
+    if spec.otsu or spec.otsu_dark:
+        t = otsu_threshold(gray)
+        if spec.otsu:
+            intensity |= gray > t
+        if spec.otsu_dark:
+            intensity |= gray <= t
+    if spec.keep_largest is not None and intensity.any():
+        intensity = keep_largest(intensity, spec.keep_largest)
+    region |= intensity
+    for kind in spec.auto:
+        try:
+            region |= auto_mask(gray, kind)
+        except HeuristicFailed as exc:
+            raise UserError(
+                f"--auto {kind} {exc}; draw the region with --box/--ellipse/--polygon instead."
+            ) from None
+
+    # No two pixels are further apart than the diagonal: larger radii give the same result, slower.
+    reach = int(np.ceil(r * np.sqrt(2))) + 1
+    if spec.dilate:
+        region = dilate(region, min(spec.dilate, reach))
+    if spec.erode:
+        region = erode(region, min(spec.erode, reach))
+    if spec.fill_holes:
+        region = fill_holes(region)
+    values = _feather(region, spec.feather, reach) if spec.feather else region.astype(np.float64)
+    if spec.invert:
+        values = 1.0 - values
+    return np.round(values * 255.0).astype(np.uint8), notes
+
+
+def _feather(region: np.ndarray, radius: int, reach: int) -> np.ndarray:
+    """``morphology.feather`` for any radius: depths never exceed ``reach``, so only that band is measured."""
+    if radius <= reach:
+        return feather(region, radius)
+    depth = distance_within(~region, reach)
+    return np.where(region, np.minimum(depth / radius, 1.0), 0.0)
+
+
+def preview(image: Image.Image, mask: np.ndarray, resolution: int) -> Image.Image:
+    """The working image with the mask tinted red (by strength) and outlined in yellow."""
+    rgb = np.asarray(prepare_image(image, resolution), dtype=np.float64)
+    strength = (mask.astype(np.float64) / 255.0)[..., None] * 0.45
+    tint = np.array([255.0, 40.0, 40.0])
+    out = rgb * (1 - strength) + tint * strength
+    out[outline(mask >= 128)] = (255, 220, 0)
+    return Image.fromarray(np.round(out).astype(np.uint8), mode="RGB")
+
+
+# --------------------------------------------------------------------------- describing
+
+
+def describe(
+    mask_img: Image.Image,
+    path: Path | str,
+    image: Image.Image | None = None,
+    resolution: int = 512,
+    latent_factor: int = 8,
+) -> dict:
+    """Coverage, bounding box, components, binary/soft, and warnings, for ``pie mask info``."""
+    grey = np.asarray(mask_to_grey(mask_img, path))
+    h, w = grey.shape
+    on = grey > 0
+    info: dict = {
+        "mask": str(path),
+        "size": [w, h],
+        "binary": bool(np.isin(grey, (0, 255)).all()),
+        "coverage_percent": round(100.0 * on.mean(), 3),
+        "mean_strength_percent": round(100.0 * grey.mean() / 255.0, 3),
+        "bbox": None,
+        "components": 0,
+        "latent_cells_percent": None,
+        "warnings": [],
+    }
+    if on.any():
+        ys, xs = np.nonzero(on)
+        info["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        labels, count = label(on)
+        info["components"] = int(count)
+        info["largest_component_pixels"] = int(component_sizes(labels, count)[1:].max())
+    if h % latent_factor == 0 and w % latent_factor == 0:
+        cells = latent_mask(grey, latent_factor)
+        info["latent_cells_percent"] = round(100.0 * (cells > 0).mean(), 3)
+        info["latent_grid"] = [w // latent_factor, h // latent_factor]
+        if on.any() and not (cells > 0).any():
+            info["warnings"].append(
+                f"the mask reaches no {latent_factor}x{latent_factor} latent cell: pie simulate would edit nothing."
+            )
+    if not on.any():
+        info["warnings"].append("the mask is empty: pie simulate would edit nothing.")
+    elif on.mean() > 0.9:
+        info["warnings"].append(
+            f"the mask covers {100 * on.mean():.1f}% of the image (> 90%): little stays the patient's own."
+        )
+    if image is not None:
+        info["image"] = {"size": list(image.size), "resolution": resolution}
+        if (w, h) not in (image.size, (resolution, resolution)):
+            info["warnings"].append(
+                f"the mask is {w}x{h} but the image is {image.size[0]}x{image.size[1]} and the working size "
+                f"{resolution}x{resolution}: pie simulate would refuse it (remake it with `pie mask`)."
+            )
+    return info

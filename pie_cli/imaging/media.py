@@ -1,0 +1,224 @@
+"""Reading images, the square geometry pie works in, and writing PNG/GIF files atomically.
+
+Pure PIL/numpy: no torch, no terminal. Errors about the user's files are ``UserError``s
+that name the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pie_cli.errors import UserError
+
+# Frames are resized with Lanczos when shrinking/enlarging to the working resolution:
+# the sharpest of PIL's filters, and what a reader of a medical image expects.
+IMAGE_RESAMPLE = Image.Resampling.LANCZOS
+# Masks are resized with (antialiased) bilinear, which keeps grey levels meaning
+# "partial edit strength" and the mask's mean coverage.
+MASK_RESAMPLE = Image.Resampling.BILINEAR
+
+
+def open_image(path: Path, what: str = "image") -> Image.Image:
+    """Open and fully decode an image file, or raise a ``UserError`` naming it.
+
+    DICOM files (``.dcm``/``.dicom``, or the ``DICM`` marker at byte 128 whatever the name) are
+    read by :func:`pie_cli.imaging.dicom.read_dicom`: greyscale comes back as ``"I;16"`` (windowed,
+    0..65535), colour as ``"RGB"``, and no DICOM tag comes back at all.
+
+    16-bit greyscale PNG and TIFF come back as ``"I;16"`` scaled so that the file's declared
+    maximum is 65535: the PNG ``sBIT`` chunk (a 12-bit detector's PNG saying 12 significant bits
+    is scaled by 65535/4095) or the TIFF ``MaxSampleValue`` tag; without either, values are kept
+    as they are, i.e. read against the full 16-bit range (a 12-bit image without ``sBIT`` looks
+    dark, as it does in any viewer). Depth is kept until :func:`to_rgb8`'s one 8-bit conversion.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist.")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not an image file.")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{what} {path} is not readable (check its permissions).")
+    from pie_cli.imaging.dicom import is_dicom
+
+    if is_dicom(path):
+        from pie_cli.imaging.dicom import read_dicom
+
+        return read_dicom(path, what)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PNG"):
+                return _sixteen_bit(img, path)
+            return (
+                img.copy()
+                if img.mode != "P"
+                else img.convert("RGBA" if "transparency" in img.info else "RGB")
+            )
+    except UnidentifiedImageError:
+        raise UserError(
+            f"{what} {path} is not an image pie can read (PNG, JPEG, TIFF, BMP, WebP, DICOM)."
+        ) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{what} {path} could not be decoded ({exc}).") from None
+
+
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def _sixteen_bit(img: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit greyscale image as native ``"I;16"``, its declared maximum scaled to 65535."""
+    arr = np.asarray(img).astype(np.float64)
+    top = _declared_max(img, path)
+    if top < 65535:
+        arr = arr * (65535.0 / top)
+    return Image.fromarray(np.clip(np.round(arr), 0, 65535).astype(np.uint16))
+
+
+def _declared_max(img: Image.Image, path: Path) -> int:
+    """2**sBIT - 1 (PNG), MaxSampleValue (TIFF), or 65535 when the file does not say."""
+    top = 65535
+    if img.format == "PNG":
+        bits = _png_significant_bits(path)
+        if bits is not None and 1 <= bits < 16:
+            top = 2**bits - 1
+    elif img.format == "TIFF":
+        value = getattr(img, "tag_v2", {}).get(281)  # MaxSampleValue
+        if isinstance(value, (tuple, list)):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 < value < 65535:
+            top = value
+    return top
+
+
+def _png_significant_bits(path: Path) -> int | None:
+    """The grey value of a PNG's sBIT chunk (significant bits), read from the chunks before IDAT."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                if kind == b"sBIT":
+                    data = fh.read(length)
+                    return data[0] if data else None
+                fh.seek(length + 4, os.SEEK_CUR)  # data + CRC
+    except OSError:
+        return None
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Convert any mode (grey, 16-bit, float, alpha, palette) to 8-bit RGB.
+
+    16-bit and integer images are scaled by their bit depth (not stretched), so an
+    X-ray keeps its intensities relative to the detector range.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    return img.convert("RGB")
+
+
+def square_geometry(
+    size: tuple[int, int], resolution: int
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Resized size (short side = resolution) and centre-crop box for an image of ``size``."""
+    w, h = size
+    if w <= h:
+        new = (resolution, max(resolution, round(h * resolution / w)))
+    else:
+        new = (max(resolution, round(w * resolution / h)), resolution)
+    left = (new[0] - resolution) // 2
+    top = (new[1] - resolution) // 2
+    return new, (left, top, left + resolution, top + resolution)
+
+
+def fit_square(img: Image.Image, resolution: int, resample: Image.Resampling = IMAGE_RESAMPLE) -> Image.Image:
+    """Resize so the short side is ``resolution``, then centre-crop to resolution x resolution."""
+    new, box = square_geometry(img.size, resolution)
+    if img.size != new:
+        img = img.resize(new, resample=resample)
+    if img.size != (resolution, resolution):
+        img = img.crop(box)
+    return img
+
+
+def prepare_image(img: Image.Image, resolution: int) -> Image.Image:
+    """The frame-0 image pie works on: 8-bit RGB, resolution x resolution."""
+    return fit_square(to_rgb8(img), resolution)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # write/fsync errors name no file; the user needs to know which
+            exc.filename = str(path)
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def provenance(run_id: str | None = None) -> dict[str, str]:
+    """What every image pie writes says about itself: made by pie, synthetic, and from which run."""
+    from pie_cli import __version__
+
+    text = {
+        "Software": f"pie {__version__}",
+        "pie_version": __version__,
+        "synthetic": "true",
+        "Comment": "Synthetic image generated by pie (Progressive Image Editing); a research simulation, not a diagnosis.",
+    }
+    if run_id:
+        text["pie_run"] = run_id
+    return text
+
+
+def save_png(img: Image.Image, path: Path, run_id: str | None = None) -> None:
+    """Write a PNG atomically, with pie's provenance text chunks (see :func:`provenance`)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in provenance(run_id).items():
+        info.add_text(key, value)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
