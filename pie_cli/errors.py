@@ -1,4 +1,5 @@
-"""Typed errors. The core raises them; ``cli.guarded`` turns them into one line and an exit code.
+"""Typed errors. Every layer raises them; ``pie_cli.cli.boundary.guarded`` turns them into one line
+and an exit code.
 
 - ``UserError``: the user can fix it (bad option, missing file, model not cached).
   One sentence naming the option or file, exit status 2, never a traceback.
@@ -36,3 +37,11 @@ class Interrupted(PieError):
     """Ctrl-C or SIGTERM stopped a run; what was finished is kept and the message says how to go on."""
 
     exit_code = 130
+
+
+def one_line(exc: BaseException | Warning) -> str:
+    """The first line of an exception's message; pie's own errors (and warnings) without their class name."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, (PieError, Warning)):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

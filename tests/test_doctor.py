@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pie_cli.cli.commands import doctor as doctor_module
+from pie_cli.doctor import checks as doctor_module
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -70,7 +70,7 @@ def checkpoints(out: Path) -> list[str]:
 
 def leftovers(out: Path) -> list[Path]:
     """Half-written things: temporary files/folders, checkpoint folders without their marker."""
-    from pie_cli.training.loop import incomplete_checkpoints
+    from pie_cli.training.checkpoints import incomplete_checkpoints
 
     temporary = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".lora-")]
     return temporary + incomplete_checkpoints(out)
@@ -171,7 +171,7 @@ def child(tmp_path):
 
 def past_a_checkpoint(out: Path):
     """True once a complete checkpoint exists and training went on beyond it."""
-    from pie_cli.training.loop import checkpoint_step, latest_checkpoint
+    from pie_cli.training.checkpoints import checkpoint_step, latest_checkpoint
 
     def check() -> bool:
         good = latest_checkpoint(out)
@@ -181,7 +181,7 @@ def past_a_checkpoint(out: Path):
 
 
 def resume_and_compare(cli, out: Path, straight: dict, *extra: str):
-    from pie_cli.training.loop import checkpoint_step, latest_checkpoint
+    from pie_cli.training.checkpoints import checkpoint_step, latest_checkpoint
 
     start = checkpoint_step(latest_checkpoint(out))
     result = cli("finetune", "--out", out, "--resume", "latest", *extra)
@@ -199,7 +199,7 @@ def resume_and_compare(cli, out: Path, straight: dict, *extra: str):
 
 # ---------------------------------------------------------------------------- SIGKILL
 def test_sigkill_then_resume_latest_is_bit_identical(cli, child, straight, tiny_model, tmp_path):
-    from pie_cli.training.loop import COMPLETE, checkpoint_step, is_complete, latest_checkpoint
+    from pie_cli.training.checkpoints import COMPLETE, checkpoint_step, is_complete, latest_checkpoint
 
     out = tmp_path / "run"
     run = child(["--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON])
@@ -234,7 +234,7 @@ def test_sigkill_then_resume_latest_is_bit_identical(cli, child, straight, tiny_
 def test_resume_from_an_incomplete_checkpoint_path_is_refused(cli, straight, tmp_path):
     import shutil
 
-    from pie_cli.training.loop import COMPLETE
+    from pie_cli.training.checkpoints import COMPLETE
 
     out = tmp_path / "copy"
     shutil.copytree(straight["out"], out)
@@ -250,7 +250,7 @@ def test_resume_from_an_incomplete_checkpoint_path_is_refused(cli, straight, tmp
 def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_bit_identical(
     cli, child, straight, tiny_model, tmp_path, how
 ):
-    from pie_cli.training.loop import checkpoint_step, is_complete, latest_checkpoint
+    from pie_cli.training.checkpoints import checkpoint_step, is_complete, latest_checkpoint
 
     out = tmp_path / "run"
     args = ["--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON]

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from pie_cli.errors import UserError
+from pie_cli.imaging.files import atomic_path
 from pie_cli.imaging.masks import latent_mask, mask_to_grey, prepare_mask, require_nonempty
-from pie_cli.imaging.media import atomic_path, fit_square, open_image, square_geometry, to_rgb8
+from pie_cli.imaging.media import fit_square, open_image, square_geometry, to_rgb8
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,11 @@
-"""The `pie` command: registers subcommands; imports nothing heavy (`pie --help` is instant)."""
+"""The `pie` command: the root options, the commands it mounts, and ``main()``.
+
+Imports nothing heavy (`pie --help` is instant): each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -38,22 +42,23 @@ class PieGroup(TyperGroup):
     """
 
     def make_context(self, *args, **kwargs):
-        try:
+        with _one_line_usage_errors():
             return super().make_context(*args, **kwargs)
-        except Exception as exc:
-            if _usage_error(exc):
-                error(exc.format_message())
-                raise typer.Exit(2) from None
-            raise
 
     def invoke(self, ctx):
-        try:
+        with _one_line_usage_errors():
             return super().invoke(ctx)
-        except Exception as exc:
-            if _usage_error(exc):
-                error(exc.format_message())
-                raise typer.Exit(2) from None
-            raise
+
+
+@contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except Exception as exc:
+        if _usage_error(exc):
+            error(exc.format_message())
+            raise typer.Exit(2) from None
+        raise
 
 
 app = typer.Typer(

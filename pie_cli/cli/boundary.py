@@ -13,20 +13,18 @@ import errno
 import functools
 import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from pie_cli.cli.console import error, ui
-from pie_cli.errors import PieError, UserError
+from pie_cli.cli.console import error, human_bytes, ui
+from pie_cli.errors import PieError, UserError, one_line
+from pie_cli.imaging.files import published_path
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
-# The temporary name ``media.atomic_path`` writes beside a file: ``.NAME.PID.tmp``.
-_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
 # numpy: "Unable to allocate 71.1 PiB ..."; torch: "Tried to allocate 20.00 MiB", "you tried to allocate N bytes".
 _ALLOCATION = re.compile(r"(?i)(?:tried to|unable to) allocate ([\d.]+ ?(?:[KMGTPE]i?B|bytes))")
 # Options that make a run smaller, by parameter name, in the order they are suggested.
@@ -41,10 +39,10 @@ _SHRINK = {
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command function inside the error boundary (``--debug`` is set by its option's callback)."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("debug"):
-            ui.debug = True
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -67,10 +65,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             if message is not None:
                 error(message)
                 raise typer.Exit(1) from None
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            error(
-                f"internal error: {type(exc).__name__}{': ' + detail if detail else ''} (rerun with --debug for the traceback)."
-            )
+            error(f"internal error: {one_line(exc)} (rerun with --debug for the traceback).")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -110,15 +105,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _readable(amount: str) -> str:
+    """``"1048576 bytes"`` -> ``"1.0 MB"``; an amount already in units is kept as the library wrote it."""
     number, _, unit = amount.partition(" ")
-    if unit != "bytes" or not number.isdigit():
-        return amount
-    size = float(number)
-    for prefix in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if size < 1024 or prefix == "PiB":
-            return f"{size:.0f} bytes" if prefix == "bytes" else f"{size:.1f} {prefix}"
-        size /= 1024
-    return amount
+    return human_bytes(int(number)) if unit == "bytes" and number.isdigit() else amount
 
 
 def _shrink_advice(options: dict[str, Any]) -> str:
@@ -139,19 +128,4 @@ def shown_path(filename: Any) -> str | None:
     """The file an OSError is about, as the user knows it (an atomic write's temporary name -> the file)."""
     if filename is None or isinstance(filename, int):
         return None
-    path = Path(os.fsdecode(filename))
-    match = _ATOMIC_TMP.match(path.name)
-    if match:
-        path = path.with_name(match.group("name"))
-    return str(path)
-
-
-@contextmanager
-def writing(path: Path | str) -> Iterator[None]:
-    """Name ``path`` in an OSError raised while writing it (errors from ``write``/``fsync`` carry no file name)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
+    return str(published_path(Path(os.fsdecode(filename))))

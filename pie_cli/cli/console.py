@@ -50,3 +50,13 @@ def info(message: str) -> None:
 def result(text: str) -> None:
     """A result for scripts (a path, JSON): stdout, unstyled."""
     out().print(text, markup=False, highlight=False, emoji=False)
+
+
+def human_bytes(n: int | float | None) -> str:
+    """A byte count in decimal units, as disks and the HF cache report them: ``"85.9 GB"``, ``"512 B"``."""
+    if n is None:
+        return "?"
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"

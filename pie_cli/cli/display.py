@@ -1,11 +1,13 @@
-"""The one progress display every long pie command uses.
+"""The one progress display every long pie command uses: the CLI's :class:`~pie_cli.reporting.Reporter`.
 
-Modes, chosen once so callers never branch:
+Services report to it; it draws. Modes, chosen once so callers never branch:
 - ``on``: rich bars on stderr (an outer bar for progression steps, a transient inner
   bar for the denoising steps of the current one), with rate and ETA;
 - ``plain``: one line per finished item, for CI logs;
 - ``off``: nothing (the command prints its own one-line summary).
-``auto`` is ``on`` when both stdout and stderr are terminals, else ``off``.
+``auto`` is ``on`` when both stdout and stderr are terminals, else ``off``. Notes and warnings
+go to stderr (above the bars) unless ``pie --quiet``. Nothing is drawn until there is something
+to show, so a command that fails its checks leaves the terminal as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import sys
 from contextlib import contextmanager
 from typing import Any
 
-from pie_cli.cli.console import err, ui
+from pie_cli.cli.console import err, info, ui, warn
+from pie_cli.reporting import Reporter
 
 MODES = ("auto", "on", "plain", "off")
 
@@ -27,9 +30,12 @@ def resolve_mode(mode: str) -> str:
     return "on" if (sys.stdout.isatty() and err().is_terminal) else "off"
 
 
-class ProgressDisplay:
-    def __init__(self, mode: str = "auto") -> None:
-        self.mode = resolve_mode(mode)
+class ProgressDisplay(Reporter):
+    def __init__(self, mode: str | None = None) -> None:
+        self.mode = resolve_mode(ui.progress if mode is None else mode)
+        self.quiet = ui.quiet
+        self.verbose = ui.debug
+        self._entered = False
         self._progress: Any = None
         self._outer: Any = None
         self._inner: Any = None
@@ -38,7 +44,12 @@ class ProgressDisplay:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> ProgressDisplay:
-        if self.mode == "on":
+        self._entered = True
+        return self
+
+    def _ensure_started(self) -> None:
+        """Start the bars at the first thing to draw (inside ``with``)."""
+        if self.mode == "on" and self._entered and self._progress is None:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -63,9 +74,9 @@ class ProgressDisplay:
                 transient=False,
             )
             self._progress.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
+        self._entered = False
         if self._progress is not None:
             if self._inner is not None:
                 self._progress.remove_task(self._inner)
@@ -74,9 +85,16 @@ class ProgressDisplay:
             self._progress = None
 
     # ------------------------------------------------------------------ API
+    def note(self, message: str) -> None:
+        info(message)
+
+    def warn(self, message: str) -> None:
+        warn(message)
+
     @contextmanager
     def status(self, description: str):
         """An indeterminate task (e.g. loading a model) that disappears when done."""
+        self._ensure_started()
         if self._progress is None:
             if self.mode == "plain":
                 err().print(f"{description} ...", markup=False)
@@ -91,6 +109,7 @@ class ProgressDisplay:
     def start(self, total: int, label: str = "progression", completed: int = 0) -> None:
         self._label = label
         self._total = total
+        self._ensure_started()
         if self._progress is not None:
             self._outer = self._progress.add_task(label, total=total, completed=completed, info="")
 

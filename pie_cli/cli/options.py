@@ -1,4 +1,8 @@
-"""Shared option declarations, so --model, --seed, --device, --out mean the same everywhere."""
+"""The options every command shares, declared once, so ``--model``, ``--seed``, ``--device``,
+``--out``, ``--resolution``, ``--allow-pickle`` and ``--debug`` mean the same in every command
+that has them (and read the same ``PIE_*`` variables). Choice lists are built from the
+tuples the core defines, so a new scheduler or dtype is added in one place.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +12,26 @@ from typing import Annotated
 
 import typer
 
-from pie_cli.core.parameters import MAX_RESOLUTION  # one definition, shared with the core
+from pie_cli.cli.console import ui
+from pie_cli.cli.display import MODES
+from pie_cli.core.parameters import DTYPE_CHOICES, SCHEDULER_CHOICES, resolution_problem
 from pie_cli.errors import UserError
 
 
-class Dtype(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum whose values are ``values`` (member names made identifiers: ``dpm++`` -> ``dpmpp``)."""
+    return Enum(name, [(v.replace("+", "p").replace("-", "_"), v) for v in values], type=str)
 
 
-class SchedulerName(str, Enum):
-    model = "model"
-    pndm = "pndm"
-    ddim = "ddim"
-    dpmpp = "dpm++"
-    euler = "euler"
+Dtype = _choices("Dtype", DTYPE_CHOICES)
+SchedulerName = _choices("SchedulerName", SCHEDULER_CHOICES)
+ProgressMode = _choices("ProgressMode", MODES)
 
 
-class ProgressMode(str, Enum):
-    auto = "auto"
-    on = "on"
-    plain = "plain"
-    off = "off"
+def _set_debug(value: bool) -> bool:
+    if value:
+        ui.debug = True
+    return value
 
 
 ModelOpt = Annotated[
@@ -44,6 +44,11 @@ ModelOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", envvar="PIE_SEED", help="Seed of the one random generator.")]
+TrainingSeedOpt = Annotated[
+    int,
+    typer.Option("--seed", envvar="PIE_SEED", help="Seed of data order, augmentation, noise and LoRA init."),
+]
+PhantomSeedOpt = Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same phantoms.")]
 DeviceOpt = Annotated[
     str,
     typer.Option(
@@ -62,27 +67,36 @@ OutOpt = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Output directory (default: runs/<image>-<time>).", show_default=False),
 ]
+OutDirOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace pie's files in a non-empty --out (other files are kept).")
 ]
 ResolutionOpt = Annotated[
     int, typer.Option("--resolution", "-r", help="Frames are R x R: short side resized to R, centre-cropped.")
 ]
+TrainingResolutionOpt = Annotated[int, typer.Option("--resolution", "-r", help="Training resolution.")]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Also load .bin/.ckpt pickle weights (they can run code: trusted files only).",
+    ),
+]
 WatermarkOpt = Annotated[
     bool, typer.Option("--watermark", help='Burn a small "SYNTHETIC" label into the corner of every frame.')
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
+# --debug is accepted before or after the command; it only sets ui.debug, which the error boundary reads.
+DebugOpt = Annotated[
+    bool,
+    typer.Option(
+        "--debug", help="Show full tracebacks and library logs.", callback=_set_debug, expose_value=False
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-
-# Working resolutions above MAX_RESOLUTION are refused up front (a 4096 x 4096 mask already needs a few
-# GB of numpy temporaries; a typo like 51200 would otherwise end in an out-of-memory error).
-# The smallest image side pie accepts: one 8 x 8 latent cell of Stable Diffusion's VAE.
-MIN_IMAGE_SIDE = 8
 
 
 def check_resolution(resolution: int, option: str = "--resolution") -> None:
     """A working resolution: a multiple of 8 in [8, MAX_RESOLUTION], or a ``UserError`` naming the option."""
-    if resolution < 8 or resolution % 8:
-        raise UserError(f"{option} must be a positive multiple of 8, got {resolution}.")
-    if resolution > MAX_RESOLUTION:
-        raise UserError(f"{option} must be at most {MAX_RESOLUTION}, got {resolution}.")
+    problem = resolution_problem(resolution)
+    if problem is not None:
+        raise UserError(f"{option} {problem}.")

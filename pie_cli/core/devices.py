@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pie_cli.core.parameters import DTYPE_CHOICES
 from pie_cli.errors import UserError
 
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
-DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -32,7 +31,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype))
 
 
-def _mps_available() -> bool:
+def mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
 
@@ -43,7 +42,7 @@ def choose_device(requested: str = "auto") -> tuple[torch.device, tuple[str, ...
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda"), ()
-        if _mps_available():
+        if mps_available():
             return torch.device("mps"), ()
         return torch.device("cpu"), ("no GPU found; running on the CPU, which is slow for full-size models.",)
     if requested.startswith("cuda"):
@@ -59,7 +58,7 @@ def choose_device(requested: str = "auto") -> tuple[torch.device, tuple[str, ...
             )
         return dev, ()
     if requested == "mps":
-        if not _mps_available():
+        if not mps_available():
             raise UserError("--device mps was asked for, but Apple MPS is not available here.")
         return torch.device("mps"), ()
     if requested == "cpu":

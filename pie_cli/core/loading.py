@@ -1,9 +1,14 @@
-"""Loading a resolved model into memory, with an in-process cache.
+"""Loading a resolved model into memory, for inference and for training, with an in-process cache.
 
-Components are loaded one by one (UNet, VAE, text encoder, tokenizer, scheduler) with
-``local_files_only`` and safetensors only: no safety checker or feature extractor is
-loaded, nothing is downloaded. Loaded sets are cached per (model path, UNet override,
-adapters, dtypes, device), so a cohort or an evaluation loads each model once.
+One loader for both: :func:`load_parts` reads the UNet, VAE, text encoder and tokenizer of a
+:class:`~pie_cli.core.registry.ModelSource` with ``local_files_only`` and safetensors only
+(pickle weights need ``allow_pickle``), and :func:`load_scheduler` reads its scheduler under
+one policy (an unknown class is the user's error, never a silent substitute). No safety
+checker or feature extractor is loaded, nothing is downloaded.
+
+:func:`load` builds inference :class:`Components` on a placement, applies the source's LoRA
+adapters, and caches the result per (model, UNet, adapters, dtypes, device), so a cohort or an
+evaluation loads each model once; :func:`forget` drops entries whose files are going away.
 """
 
 from __future__ import annotations
@@ -13,25 +18,34 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pie_cli.core.devices import Placement
+from pie_cli.core.parameters import SCHEDULER_CHOICES
 from pie_cli.core.progression import Components
-from pie_cli.core.registry import Adapter, ModelSource, weight_files
+from pie_cli.core.registry import LORA_FILE, ModelSource, lora_weight_file, weight_files
 from pie_cli.errors import UserError
 
-SCHEDULER_CHOICES = ("model", "pndm", "ddim", "dpm++", "euler")
 _SCHEDULER_CLASSES = {
     "pndm": "PNDMScheduler",
     "ddim": "DDIMScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
+WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
 
 _CACHE: dict[tuple, Components] = {}
 
 
 def clear_cache() -> None:
     _CACHE.clear()
+
+
+def forget(prefix: Path | str) -> None:
+    """Drop cached models whose files lie under ``prefix`` (they are about to be deleted)."""
+    prefix = str(Path(prefix).resolve())
+    for key in [k for k in _CACHE if any(str(part).startswith(prefix) for part in k)]:
+        del _CACHE[key]
 
 
 @contextmanager
@@ -58,8 +72,14 @@ def quiet_libraries(verbose: bool = False):
         transformers.utils.logging.set_verbosity(levels[1])
 
 
-def require_safetensors(folder: Path, what: str, allow_pickle: bool = False, warn=None) -> bool:
-    """True when ``folder`` has safetensors weights; pickle-only weights need ``allow_pickle``."""
+# --------------------------------------------------------------------------- the files of a model
+
+
+def use_safetensors(folder: Path, what: str, allow_pickle: bool = False, warn=None) -> bool:
+    """True when ``folder`` has safetensors weights; pickle-only weights need ``allow_pickle`` (then False).
+
+    A folder with no weights, or pickle weights without ``allow_pickle``, is a ``UserError``.
+    """
     safe, pickle = weight_files(folder)
     if safe:
         return True
@@ -78,90 +98,66 @@ def require_safetensors(folder: Path, what: str, allow_pickle: bool = False, war
     raise UserError(f"{what} ({folder}) has no weights file.")
 
 
-def load(
+def part_folder(source: ModelSource, part: str) -> Path:
+    """Where ``part`` (unet, vae, text_encoder, ...) of ``source`` is read from (``--unet`` replaces the UNet)."""
+    if part == "unet" and source.unet is not None:
+        return source.unet
+    return source.path / part
+
+
+def check_weights(source: ModelSource, allow_pickle: bool = False, warn=None) -> dict[str, bool]:
+    """For each weighted part, whether it loads from safetensors; refuses pickle-only parts early."""
+    found = {}
+    for part in WEIGHTED_PARTS:
+        what = "UNet" if part == "unet" and source.unet is not None else f"model {source.reference}: {part}"
+        found[part] = use_safetensors(part_folder(source, part), what, allow_pickle, warn)
+    return found
+
+
+def load_parts(
     source: ModelSource,
-    placement: Placement,
     *,
-    unet: Path | None = None,
-    loras: tuple[Adapter, ...] = (),
-    verbose: bool = False,
+    dtype: Any = None,
+    vae_dtype: Any = None,
     allow_pickle: bool = False,
     warn=None,
-) -> Components:
-    """Load (or fetch from the in-process cache) the components of ``source``."""
-    unet_path = unet or source.unet
-    adapters = (*source.loras, *loras)
-    key = (
-        allow_pickle,
-        str(source.path),
-        str(unet_path) if unet_path else None,
-        tuple((str(a.path), a.weight) for a in adapters),
-        str(placement.dtype),
-        str(placement.vae_dtype),
-        str(placement.device),
-    )
-    if key in _CACHE:
-        return _CACHE[key]
-    with quiet_libraries(verbose):
-        components = _load(source, placement, unet_path, adapters, allow_pickle, warn)
-    _CACHE[key] = components
-    return components
+) -> tuple[Any, Any, Any, Any]:
+    """(unet, vae, text_encoder, tokenizer) of ``source`` on the CPU, in ``dtype`` (default fp32).
 
-
-def _load(
-    source: ModelSource,
-    placement: Placement,
-    unet_path: Path | None,
-    adapters: tuple[Adapter, ...],
-    allow_pickle: bool = False,
-    warn=None,
-):
-    import diffusers
+    ``vae_dtype`` defaults to ``dtype``. The parts are checked to belong together.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    safe = check_weights(source, allow_pickle, warn)
     root = source.path
-    unet_dir = unet_path or (root / "unet")
-    safe = {
-        "unet": require_safetensors(
-            unet_dir, "UNet" if unet_path else f"model {source.reference}: unet", allow_pickle, warn
-        ),
-        "vae": require_safetensors(root / "vae", f"model {source.reference}: vae", allow_pickle, warn),
-        "text_encoder": require_safetensors(
-            root / "text_encoder", f"model {source.reference}: text_encoder", allow_pickle, warn
-        ),
-    }
 
     def opts(part: str) -> dict:
         return {"local_files_only": True, "use_safetensors": safe[part]}
 
-    unet_model = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=placement.dtype, **opts("unet"))
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=placement.vae_dtype, **opts("vae"))
+    typed = {} if dtype is None else {"torch_dtype": dtype}
+    vae_typed = {} if (vae_dtype or dtype) is None else {"torch_dtype": vae_dtype or dtype}
+    unet = UNet2DConditionModel.from_pretrained(part_folder(source, "unet"), **typed, **opts("unet"))
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **vae_typed, **opts("vae"))
     text_encoder = CLIPTextModel.from_pretrained(
-        root, subfolder="text_encoder", dtype=placement.dtype, **opts("text_encoder")
+        root, subfolder="text_encoder", **({} if dtype is None else {"dtype": dtype}), **opts("text_encoder")
     )
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
-    sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "PNDMScheduler"), None)
-    if sched_cls is None:
-        raise UserError(
-            f"model {source.reference} names an unknown scheduler {sched_cfg.get('_class_name')!r}."
-        )
-    scheduler = sched_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    _check_fit(source, unet, text_encoder, vae)
+    return unet, vae, text_encoder, tokenizer
 
-    _check_fit(source, unet_model, text_encoder, vae)
-    for module in (unet_model, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    unet_model.to(placement.device)
-    vae.to(placement.device)
-    text_encoder.to(placement.device)
-    components = Components(unet_model, vae, text_encoder, tokenizer, scheduler)
-    if adapters:
-        _apply_loras(components, adapters, source)
-        # Injected LoRA layers are created in training mode; their dropout must be off at inference.
-        components.unet.eval()
-        components.text_encoder.eval()
-    return components
+
+def load_scheduler(source: ModelSource) -> Any:
+    """The model's own inference scheduler, from ``scheduler/scheduler_config.json``."""
+    import diffusers
+
+    root = source.path
+    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    name = config.get("_class_name", "PNDMScheduler")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise UserError(f"model {source.reference} names an unknown scheduler {name!r}.")
+    return cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
 
 
 def _check_fit(source: ModelSource, unet, text_encoder, vae) -> None:
@@ -178,15 +174,69 @@ def _check_fit(source: ModelSource, unet, text_encoder, vae) -> None:
         )
 
 
-def _apply_loras(components: Components, adapters: tuple[Adapter, ...], source: ModelSource) -> None:
-    """Load diffusers-format LoRA weights into the UNet (and text encoder) and set their weights."""
-    from pie_cli.core.registry import lora_weight_file
+# --------------------------------------------------------------------------- inference
 
+
+def load(
+    source: ModelSource,
+    placement: Placement,
+    *,
+    verbose: bool = False,
+    allow_pickle: bool = False,
+    warn=None,
+) -> Components:
+    """Load (or fetch from the in-process cache) the inference components of ``source``.
+
+    ``source`` carries everything that defines the model: its folder, a replacement UNet and
+    its LoRA adapters (see :meth:`ModelSource.with_overrides`).
+    """
+    key = (
+        allow_pickle,
+        str(source.path),
+        str(source.unet) if source.unet else None,
+        tuple((str(a.path), a.weight) for a in source.loras),
+        str(placement.dtype),
+        str(placement.vae_dtype),
+        str(placement.device),
+    )
+    if key in _CACHE:
+        return _CACHE[key]
+    with quiet_libraries(verbose):
+        components = _load(source, placement, allow_pickle, warn)
+    _CACHE[key] = components
+    return components
+
+
+def _load(source: ModelSource, placement: Placement, allow_pickle: bool, warn) -> Components:
+    unet, vae, text_encoder, tokenizer = load_parts(
+        source, dtype=placement.dtype, vae_dtype=placement.vae_dtype, allow_pickle=allow_pickle, warn=warn
+    )
+    scheduler = load_scheduler(source)
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    unet.to(placement.device)
+    vae.to(placement.device)
+    text_encoder.to(placement.device)
+    components = Components(unet, vae, text_encoder, tokenizer, scheduler)
+    if source.loras:
+        _apply_loras(components, source)
+        # Injected LoRA layers are created in training mode; their dropout must be off at inference.
+        components.unet.eval()
+        components.text_encoder.eval()
+    return components
+
+
+def _apply_loras(components: Components, source: ModelSource) -> None:
+    """Load the source's diffusers-format LoRA weights into the UNet (and text encoder) and set their weights."""
     pipe = as_pipeline(components)
     names = []
-    for i, adapter in enumerate(adapters):
-        weights = lora_weight_file(adapter.path)
+    for i, adapter in enumerate(source.loras):
         name = f"lora_{i}"
+        weights = adapter.file or lora_weight_file(adapter.path)
+        if weights is None:
+            raise UserError(
+                f"LoRA {adapter.path} holds no LoRA weights ({LORA_FILE} or a .safetensors file)."
+            )
         try:
             pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
@@ -195,12 +245,12 @@ def _apply_loras(components: Components, adapters: tuple[Adapter, ...], source: 
                 + "."
             ) from None
         names.append(name)
-    pipe.set_adapters(names, adapter_weights=[a.weight for a in adapters])
+    pipe.set_adapters(names, adapter_weights=[a.weight for a in source.loras])
     logging.getLogger(__name__).debug("applied LoRA adapters %s", names)
 
 
 def as_pipeline(components: Components, pipeline_class=None):
-    """A diffusers Stable Diffusion pipeline sharing ``components`` (no safety checker)."""
+    """A diffusers Stable Diffusion pipeline (or ``pipeline_class``) sharing ``components`` (no safety checker)."""
     if pipeline_class is None:
         from diffusers import StableDiffusionPipeline as pipeline_class
     pipe = pipeline_class(

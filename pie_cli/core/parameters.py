@@ -1,9 +1,14 @@
-"""The parameters of one PIE progression and their ranges (no torch: commands check them first)."""
+"""The parameters of one PIE progression, their ranges, and pie's other limits and choice lists.
+
+A PIE parameter is defined once, as a field of :class:`PieConfig` with its default; the
+simulate command's options, the spec, the manifest's recorded parameters and the cohort
+columns all derive from these fields (``TUNABLE``). No torch: commands check values first.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # Upper bounds that keep a typo from hanging or exhausting the machine (no real run comes near them):
 # SD 1.x schedulers have 1000 training timesteps, 4096 px is 16x SD's working area, and a
@@ -11,6 +16,24 @@ from dataclasses import dataclass
 MAX_STEPS = 10_000
 MAX_INFERENCE_STEPS = 1_000
 MAX_RESOLUTION = 4096
+MAX_TRAJECTORIES = 64
+# Seeds: torch generators take any 64-bit value (simulate adds the trajectory index, so stay below 2^63);
+# training also seeds numpy (accelerate's set_seed), whose seeds must be below 2^32.
+MAX_SEED = 2**63
+MAX_TRAINING_SEED = 2**32
+
+# Choice lists (the CLI's enums are built from these tuples).
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+SCHEDULER_CHOICES = ("model", "pndm", "ddim", "dpm++", "euler")
+
+
+def resolution_problem(resolution: int) -> str | None:
+    """What is wrong with a working resolution (a multiple of 8 in [8, MAX_RESOLUTION]), or None."""
+    if resolution < 8 or resolution % 8:
+        return f"must be a positive multiple of 8, got {resolution}"
+    if resolution > MAX_RESOLUTION:
+        return f"must be at most {MAX_RESOLUTION}, got {resolution}"
+    return None
 
 
 def denoise_count(inference_steps: int, strength: float) -> int:
@@ -91,13 +114,19 @@ class PieConfig:
         for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0.0 <= value <= 1.0:
                 found.append((name, f"must be in [0, 1], got {value:g}"))
-        if self.resolution < 8 or self.resolution % 8:
-            found.append(("resolution", f"must be a positive multiple of 8, got {self.resolution}"))
-        elif self.resolution > MAX_RESOLUTION:
-            found.append(("resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}"))
+        problem = resolution_problem(self.resolution)
+        if problem is not None:
+            found.append(("resolution", problem))
         return found
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first parameter out of range."""
         for name, problem in self.problems():
             raise ValueError(f"{name} {problem}")
+
+
+# The per-run parameters a user sets directly, one option each (``--strength`` is ``strength``);
+# the prompt and the per-step schedules are read from their own options and files.
+SCHEDULES = ("prompt_schedule", "strength_schedule", "guidance_schedule")
+TUNABLE = tuple(f.name for f in fields(PieConfig) if f.name != "prompt" and f.name not in SCHEDULES)
+DEFAULTS = PieConfig(prompt="")

@@ -12,20 +12,26 @@ A reference is, in this order of precedence:
 
 This module only reads small JSON files and directory listings (no torch), so
 ``pie models list`` is instant. Loading weights is ``pie_cli.core.loading``'s job.
+
+A resolved reference is a :class:`ModelSource`; ``--unet`` and ``--lora`` are merged into it
+once, with :meth:`ModelSource.with_overrides`, and everything downstream (loading, the
+manifest) reads the adapters from there. :func:`status` classifies a reference (ready, not
+downloaded, broken) for ``pie models list`` and ``pie doctor`` alike.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pie_cli.errors import UserError
-from pie_cli.imaging.media import write_text
+from pie_cli.imaging.files import write_text
 from pie_cli.paths import hf_hub_cache, pie_home
 
 BUILTIN_ALIASES: dict[str, str] = {
@@ -44,19 +50,29 @@ BUILTIN_NOTES: dict[str, str] = {
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 ALIAS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors",)
+# The diffusers LoRA format's weights file: what `pie finetune` writes and `load_lora_weights` reads.
+LORA_FILE = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _number(value: float) -> str:
+    """A weight as short text that reads back as exactly the same float ("1", "0.8", "0.123456789")."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """A diffusers-format LoRA (a directory or a ``.safetensors`` file) and its weight."""
+    """A diffusers-format LoRA: what the user named (``path``), its weights ``file`` and its weight."""
 
     path: Path
     weight: float = 1.0
+    # The .safetensors file inside ``path`` (``path`` itself for a file); derived, so not compared.
+    file: Path | None = field(default=None, compare=False)
 
     def spec(self) -> str:
-        return f"{self.path}:{self.weight:g}"
+        """``PATH:WEIGHT``, as ``--lora`` takes it (the weight written so that it reads back exactly)."""
+        return f"{self.path}:{_number(self.weight)}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,10 @@ class ModelSource:
     unet: Path | None = None  # a fine-tuned UNet replacing the model's own
     loras: tuple[Adapter, ...] = ()
 
+    def with_overrides(self, unet: Path | None = None, loras: tuple[Adapter, ...] = ()) -> ModelSource:
+        """This model with ``--unet`` replacing its UNet and ``--lora`` adapters after its own."""
+        return replace(self, unet=unet or self.unet, loras=(*self.loras, *loras))
+
     def describe(self) -> dict:
         return {
             "reference": self.reference,
@@ -83,6 +103,20 @@ class ModelSource:
             "unet": str(self.unet) if self.unet else None,
             "loras": [a.spec() for a in self.loras],
         }
+
+
+class ModelNotCached(UserError):
+    """A reference that would resolve if its Hugging Face repo were downloaded (``pie models pull``)."""
+
+    def __init__(self, repo_id: str, revision: str | None, reference: str) -> None:
+        rev = f"@{revision}" if revision else ""
+        super().__init__(
+            f"model {reference} ({repo_id}{rev}) is not in the local Hugging Face cache ({hf_hub_cache()}); "
+            f"download it once with `pie models pull {reference}`."
+        )
+        self.repo_id = repo_id
+        self.revision = revision
+        self.pull = reference  # what to pass to `pie models pull`
 
 
 @dataclass
@@ -190,9 +224,8 @@ def lora_weight_file(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".safetensors":
         return path
     if path.is_dir() and not (path / "model_index.json").exists() and not (path / "config.json").exists():
-        for name in LORA_WEIGHT_NAMES:
-            if (path / name).is_file():
-                return path / name
+        if (path / LORA_FILE).is_file():
+            return path / LORA_FILE
         candidates = sorted(path.glob("*lora*.safetensors"))
         if len(candidates) == 1:
             return candidates[0]
@@ -231,7 +264,13 @@ def hf_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str] |
     return snapshot, commit
 
 
-def looks_like_path(reference: str) -> bool:
+def _explicit_path(reference: str) -> bool:
+    """Written as a path (``./name``, ``a/b/c``, ``~/x``): never an alias."""
+    return "/" in reference or "\\" in reference or reference.startswith((".", "~"))
+
+
+def _looks_like_path(reference: str) -> bool:
+    """Meant as a file system path rather than a repo id (``org/name``)."""
     return reference.startswith((".", "/", "~")) or "\\" in reference or reference.endswith(".safetensors")
 
 
@@ -243,7 +282,7 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
             "--model is empty; give a model directory, an alias (see `pie models list`) or a repo id."
         )
     users = load_user_models()
-    explicit_path = "/" in reference or "\\" in reference or reference.startswith((".", "~"))
+    explicit_path = _explicit_path(reference)
     if not explicit_path and reference in users:  # an alias wins over a same-named folder in the cwd
         if reference in _seen:
             raise UserError(f"model alias {reference} refers to itself through {' -> '.join(_seen)}.")
@@ -257,8 +296,7 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
             )
         return ModelSource(reference, local, "built-in", alias=reference)
     if not explicit_path and reference in BUILTIN_ALIASES:
-        source = _resolve_repo(BUILTIN_ALIASES[reference], None, reference)
-        return ModelSource(**{**source.__dict__, "reference": reference, "alias": reference})
+        return replace(_resolve_repo(BUILTIN_ALIASES[reference], None, reference), alias=reference)
     path = Path(reference).expanduser()
     if path.exists():
         if path.is_file():
@@ -268,7 +306,7 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
             )
         check_model_dir(path, reference)
         return ModelSource(reference, path.resolve(), "directory")
-    if looks_like_path(reference):
+    if _looks_like_path(reference):
         raise UserError(f"model directory {reference} does not exist.")
     match = REPO_ID.match(reference)
     if match:
@@ -282,11 +320,7 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
 def _resolve_repo(repo_id: str, revision: str | None, reference: str) -> ModelSource:
     found = hf_snapshot(repo_id, revision)
     if found is None:
-        rev = f"@{revision}" if revision else ""
-        raise UserError(
-            f"model {reference} ({repo_id}{rev}) is not in the local Hugging Face cache ({hf_hub_cache()}); "
-            f"download it once with `pie models pull {reference}`."
-        )
+        raise ModelNotCached(repo_id, revision, reference)
     snapshot, commit = found
     check_model_dir(snapshot, reference)
     return ModelSource(reference, snapshot, "hf-cache", repo_id=repo_id, revision=commit)
@@ -294,8 +328,7 @@ def _resolve_repo(repo_id: str, revision: str | None, reference: str) -> ModelSo
 
 def _resolve_user(name: str, entry: UserModel, seen: tuple[str, ...]) -> ModelSource:
     if entry.kind == "model":
-        source = resolve(entry.target, _seen=seen)
-        return ModelSource(**{**source.__dict__, "reference": name, "alias": name})
+        return replace(resolve(entry.target, _seen=seen), reference=name, alias=name)
     if not entry.base:
         raise UserError(f"model alias {name} is a {entry.kind} without a base model; re-add it with --base.")
     base = resolve(entry.base, _seen=seen)
@@ -303,9 +336,9 @@ def _resolve_user(name: str, entry: UserModel, seen: tuple[str, ...]) -> ModelSo
     if not target.exists():
         raise UserError(f"model alias {name} points to {target}, which no longer exists.")
     if entry.kind == "lora":
-        loras = (*base.loras, Adapter(target, entry.weight))
-        return ModelSource(**{**base.__dict__, "reference": name, "alias": name, "loras": loras})
-    return ModelSource(**{**base.__dict__, "reference": name, "alias": name, "unet": target})
+        adapter = Adapter(target, entry.weight, lora_weight_file(target))
+        return replace(base, reference=name, alias=name, loras=(*base.loras, adapter))
+    return replace(base, reference=name, alias=name, unet=target)
 
 
 def classify_target(target: str) -> str:
@@ -319,8 +352,7 @@ def classify_target(target: str) -> str:
         if unet_config_dir(path) is not None:
             return "unet"
         raise UserError(
-            f"{target} is neither a model in diffusers layout, a UNet folder nor a LoRA adapter "
-            "(pytorch_lora_weights.safetensors)."
+            f"{target} is neither a model in diffusers layout, a UNet folder nor a LoRA adapter ({LORA_FILE})."
         )
     return "model"
 
@@ -338,15 +370,17 @@ def parse_lora(spec: str) -> Adapter:
             path_part = head
         except ValueError:
             pass
+    if not math.isfinite(weight):
+        raise UserError(f"--lora {spec}: the weight must be a finite number, got {weight:g}.")
     path = Path(path_part).expanduser()
     if not path.exists():
         raise UserError(f"--lora {spec}: {path} does not exist.")
-    if lora_weight_file(path) is None:
+    file = lora_weight_file(path)
+    if file is None:
         raise UserError(
-            f"--lora {spec}: {path} holds no LoRA weights (expected pytorch_lora_weights.safetensors "
-            "or a .safetensors file)."
+            f"--lora {spec}: {path} holds no LoRA weights (expected {LORA_FILE} or a .safetensors file)."
         )
-    return Adapter(path.resolve(), weight)
+    return Adapter(path.resolve(), weight, file.resolve())
 
 
 def resolve_unet_path(spec: Path) -> Path:
@@ -402,3 +436,84 @@ def vae_force_upcast(path: Path) -> bool:
         return bool(json.loads(cfg.read_text(encoding="utf-8")).get("force_upcast", True))
     except (OSError, json.JSONDecodeError):
         return True
+
+
+def trained_on(path: Path) -> str | None:
+    """The base model a `pie finetune` output was trained from (its ``training_config.yaml``), if any."""
+    cfg = path / "training_config.yaml" if path.is_dir() else path.parent / "training_config.yaml"
+    if not cfg.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Whether a reference resolves offline: ``ok`` (``detail`` is its path), ``not cached`` or ``broken``."""
+
+    status: str
+    detail: str  # the path when ok, else what is wrong or what to do
+    reason: str | None = None  # the resolution error's own sentence, when not ok
+
+
+def status(reference: str, users: dict[str, UserModel] | None = None) -> ModelStatus:
+    """Resolve ``reference`` without loading anything and say whether it is usable here."""
+    try:
+        return ModelStatus("ok", str(resolve(reference).path))
+    except UserError as exc:
+        entry = (users if users is not None else _users_or_empty()).get(reference)
+        if entry is not None and entry.kind != "model" and not Path(entry.target).exists():
+            message = f"its {entry.kind} {entry.target} no longer exists."
+            return ModelStatus("broken", message, message)
+        if isinstance(exc, ModelNotCached):
+            detail = f"{exc.repo_id} is not in the Hugging Face cache (`pie models pull {exc.pull}`)"
+            return ModelStatus("not cached", detail, exc.message)
+        return ModelStatus("broken", exc.message, exc.message)
+
+
+def _users_or_empty() -> dict[str, UserModel]:
+    try:
+        return load_user_models()
+    except UserError:
+        return {}
+
+
+def entries(users: dict[str, UserModel] | None = None) -> list[dict]:
+    """Every built-in and user alias as a row (name, kind, source, target[, base], note)."""
+    users = load_user_models() if users is None else users
+    rows: list[dict] = []
+    for name in BUILTIN_LOCAL:
+        rows.append(
+            {
+                "name": name,
+                "kind": "model",
+                "source": "built-in",
+                "target": "(shipped with pie)",
+                "note": BUILTIN_NOTES[name],
+            }
+        )
+    for name, repo in BUILTIN_ALIASES.items():
+        rows.append(
+            {"name": name, "kind": "model", "source": "built-in", "target": repo, "note": BUILTIN_NOTES[name]}
+        )
+    for name, entry in users.items():
+        rows.append(
+            {
+                "name": name,
+                "kind": entry.kind,
+                "source": "user",
+                "target": entry.target,
+                "base": entry.base,
+                "note": "",
+            }
+        )
+    return rows

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pie_cli.demo.phantom import Findings, metadata, render, sample_findings
-from pie_cli.imaging.media import save_png, write_text
+from pie_cli.imaging.files import save_png, write_text
 
 KINDS = ("effusion", "cardiomegaly")
 

@@ -12,10 +12,9 @@ for (Pillow's own writer merges identical consecutive frames).
 from __future__ import annotations
 
 import math
-import os
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,18 +22,18 @@ from pathlib import Path
 import numpy as np
 from PIL import GifImagePlugin, Image
 
-from pie_cli.cli.boundary import writing
 from pie_cli.errors import UserError
 from pie_cli.imaging.annotate import OUTLINE_RGB, abs_diff, draw_caption, draw_outline, heat_panel, hstack
-from pie_cli.imaging.media import atomic_path, open_image, provenance, save_png
+from pie_cli.imaging.files import atomic_path, provenance, save_png, writing
 
 FORMATS = (".gif", ".webp", ".png", ".mp4")
-FRAME_FILE = re.compile(r"^frame_(\d+)\.png$")
 
 
 @dataclass(frozen=True)
 class SourceFrame:
-    index: int  # progression step (from the file name) or position
+    """A frame to animate: its progression step (or position) and the file it came from."""
+
+    index: int
     path: Path
 
 
@@ -53,54 +52,6 @@ class ExportOptions:
     mask_outline: bool = False
     lossless: bool = False  # WebP
     quality: int = 90  # WebP (lossy)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def collect(inputs: Sequence[Path]) -> tuple[list[SourceFrame], Path | None]:
-    """Frames from run directories (``frame_NNN.png`` in numeric order) and/or explicit files.
-
-    Returns the frames and the ``mask.png`` of the first run directory, if it has one.
-    """
-    frames: list[SourceFrame] = []
-    mask = None
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            try:
-                found = sorted(
-                    (int(m.group(1)), p)
-                    for p in item.iterdir()
-                    if (m := FRAME_FILE.match(p.name)) and p.is_file()
-                )
-            except PermissionError:
-                raise UserError(f"{item} is not readable (check its permissions).") from None
-            if not found:
-                raise UserError(f"{item} has no frame_NNN.png files (is it a `pie simulate` run directory?).")
-            frames.extend(SourceFrame(i, p) for i, p in found)
-            if mask is None and (item / "mask.png").is_file():
-                mask = item / "mask.png"
-        elif item.exists():
-            m = FRAME_FILE.match(item.name)
-            frames.append(SourceFrame(int(m.group(1)) if m else len(frames), item))
-        else:
-            raise UserError(f"{item} does not exist.")
-    if not frames:
-        raise UserError("no frames given; pass a run directory or frame files.")
-    return frames, mask
-
-
-def load(frames: Sequence[SourceFrame]) -> list[Image.Image]:
-    images = [open_image(f.path, "frame").convert("RGB") for f in frames]
-    first = images[0].size
-    for f, img in zip(frames, images, strict=True):
-        if img.size != first:
-            raise UserError(
-                f"frame {f.path} is {img.width}x{img.height} but {frames[0].path} is {first[0]}x{first[1]}; "
-                "frames of one animation must have one size."
-            )
-    return images
 
 
 # --------------------------------------------------------------------------- sequence
@@ -389,40 +340,3 @@ def write(
             write_mp4(frames, path, times, run_id)
         else:
             raise UserError(f"--out {path}: unknown format {suffix or '(none)'!r}; use {', '.join(FORMATS)}.")
-
-
-def write_together(outputs: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
-    """Write several files as one: each ``write(tmp)`` to a temporary name beside its file, then all renamed.
-
-    A failure before the renames (a bad value, a full disk) leaves no new file and every
-    existing one as it was; an OSError names the file it happened on.
-    """
-    temporaries: list[Path] = []
-    try:
-        for path, write_one in outputs:
-            path = Path(path)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temporaries.append(tmp)
-            with writing(path):
-                write_one(tmp)
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        for (path, _), tmp in zip(outputs, temporaries, strict=True):
-            with writing(path):
-                os.replace(tmp, path)
-    finally:
-        for tmp in temporaries:
-            tmp.unlink(missing_ok=True)
-
-
-def png_writer(img: Image.Image, run_id: str | None = None) -> Callable[[Path], None]:
-    """For :func:`write_together`: save ``img`` as a PNG with pie's provenance (like ``media.save_png``)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in provenance(run_id).items():
-        info.add_text(key, value)
-    return lambda tmp: img.save(tmp, format="PNG", pnginfo=info)

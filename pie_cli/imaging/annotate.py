@@ -113,3 +113,24 @@ def watermark(img: Image.Image, text: str = WATERMARK) -> Image.Image:
     pad = max(1, getattr(font, "size", 10) // 5)
     draw.text((box[0] + pad - left, box[1] + pad - top), text, font=font, fill=(255, 255, 255))
     return out
+
+
+def mean_image(frames: list[Image.Image]) -> Image.Image:
+    """The pixel-wise mean of same-sized frames (K trajectories' last frames), rounded to 8-bit RGB."""
+    stack = np.stack([np.asarray(f.convert("RGB"), dtype=np.float64) for f in frames])
+    return Image.fromarray(np.round(stack.mean(axis=0)).astype(np.uint8), mode="RGB")
+
+
+def spread_map(frames: list[Image.Image], base: Image.Image) -> Image.Image:
+    """Where K trajectories disagree: their per-pixel standard deviation as a heat map over ``base``.
+
+    The deviation is averaged over RGB, scaled to its maximum and blended over ``base`` with
+    an opacity growing from 0.15 (no spread) to 0.9 (the most).
+    """
+    stack = np.stack([np.asarray(f.convert("RGB"), dtype=np.float64) for f in frames])
+    std = stack.std(axis=0).mean(axis=2)
+    scale = max(float(std.max()), 1e-9)
+    heat = HEAT_LUT[np.clip(np.round(std / scale * 255), 0, 255).astype(np.uint8)].astype(np.float64)
+    alpha = (0.15 + 0.75 * std / scale)[..., None]
+    below = np.asarray(base.convert("RGB"), dtype=np.float64)
+    return Image.fromarray(np.round(below * (1 - alpha) + heat * alpha).astype(np.uint8), mode="RGB")

@@ -69,7 +69,7 @@ class MaskSpec:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_numbers(text: str, option: str, expected: str, count: int | None = None) -> list[float]:
+def parse_coordinates(text: str, option: str, expected: str, count: int | None = None) -> list[float]:
     """``"1,2,3"`` -> [1.0, 2.0, 3.0], or a ``UserError`` naming the option and the expected form."""
     try:
         values = [float(part) for part in text.replace(" ", "").split(",") if part != ""]
@@ -126,7 +126,7 @@ def _check_overlap(
 
 
 def box_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    x0, y0, x1, y1 = _to_pixels(parse_numbers(text, "--box", "X0,Y0,X1,Y1", 4), size)
+    x0, y0, x1, y1 = _to_pixels(parse_coordinates(text, "--box", "X0,Y0,X1,Y1", 4), size)
     if x1 <= x0 or y1 <= y0:
         raise UserError(f"--box {text}: X1 must be greater than X0 and Y1 greater than Y0.")
     _check_overlap("--box", text, x0, y0, x1, y1, size)
@@ -134,7 +134,7 @@ def box_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarray) -
 
 
 def ellipse_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    cx, cy, rx, ry = _to_pixels(parse_numbers(text, "--ellipse", "CX,CY,RX,RY", 4), size)
+    cx, cy, rx, ry = _to_pixels(parse_coordinates(text, "--ellipse", "CX,CY,RX,RY", 4), size)
     if rx <= 0 or ry <= 0:
         raise UserError(f"--ellipse {text}: the radii RX and RY must be positive.")
     _check_overlap("--ellipse", text, cx - rx, cy - ry, cx + rx, cy + ry, size)
@@ -142,7 +142,7 @@ def ellipse_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarra
 
 
 def polygon_region(text: str, size: tuple[int, int], X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    values = parse_numbers(text, "--polygon", "X1,Y1,X2,Y2,...")
+    values = parse_coordinates(text, "--polygon", "X1,Y1,X2,Y2,...")
     if len(values) < 6 or len(values) % 2:
         raise UserError(f"--polygon {text!r} needs at least three X,Y points (an even count of numbers).")
     pts = np.array(_to_pixels(values, size)).reshape(-1, 2)

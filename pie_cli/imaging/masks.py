@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pie_cli.cli.options import MIN_IMAGE_SIDE
 from pie_cli.errors import UserError
-from pie_cli.imaging.media import MASK_RESAMPLE, fit_square
+from pie_cli.imaging.media import MASK_RESAMPLE, MIN_IMAGE_SIDE, SIXTEEN_BIT_MODES, fit_square
 
 
 def mask_to_grey(img: Image.Image, path: Path | str = "mask") -> Image.Image:
@@ -25,7 +24,7 @@ def mask_to_grey(img: Image.Image, path: Path | str = "mask") -> Image.Image:
         return img.convert("L")
     if mode == "LA":
         return img.getchannel("L")
-    if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = arr.max(initial=0)
         if mode == "F" and top <= 1.0:

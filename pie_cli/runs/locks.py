@@ -58,6 +58,13 @@ def live_owner(directory: Path) -> dict | None:
     return owner if owner["pid"] != os.getpid() and pid_alive(owner["pid"]) else None
 
 
+def check_not_locked(directory: Path, option: str = "--out") -> None:
+    """Refuse early (before loading a model) a directory a live pie process is writing."""
+    owner = live_owner(directory)
+    if owner is not None:
+        raise in_use(option, directory, owner)
+
+
 class DirLock:
     """``with DirLock(dir, warn=...)``: hold ``dir/.pie.lock`` for the duration."""
 

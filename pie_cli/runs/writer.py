@@ -1,4 +1,4 @@
-"""Run directories: frames, mask, GIF and ``manifest.json``, every file written atomically.
+"""Run folders as frames arrive: every file atomic, the manifest updated after each frame.
 
 An interrupted or failed run leaves only whole files and a manifest whose ``status``
 says where it stopped (``running`` -> ``complete`` | ``failed`` | ``interrupted``).
@@ -9,102 +9,40 @@ there (``pie simulate --resume``). While a run writes, ``.pie.lock`` names its p
 Every image carries pie's provenance (synthetic, pie version, the run id); with a
 watermark the frames on disk also show a burnt-in "SYNTHETIC" label, and the clean frame
 the progression continues from is kept in ``.resume/`` until the run completes.
+
+:class:`RunWriter` writes one folder; :class:`CaseRun` is one case of ``pie simulate``: that
+folder alone (one trajectory), or a top folder whose ``traj_KK/`` folders each hold one
+trajectory, with the top manifest tracking their common progress.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
-import re
 import shutil
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from pie_cli.errors import UserError
-from pie_cli.runs.locks import DirLock, in_use, live_owner
-from pie_cli.imaging.media import save_png, write_text
-
-MANIFEST = "manifest.json"
-MASK = "mask.png"
-GIF = "progression.gif"
-# Files pie itself writes in a run directory; --overwrite removes these and nothing else.
-_PIE_FILE = re.compile(
-    r"^(frame_\d{3,}\.png|mask\.png|progression\.gif|manifest\.json|uncertainty\.png|mean_final\.png"
-    r"|metrics\.json|metrics\.csv|report\.png|\..+\.\d+\.tmp)$"
+from pie_cli.imaging.files import save_png, write_text
+from pie_cli.runs.locks import DirLock
+from pie_cli.runs.manifest import (
+    GIF,
+    MANIFEST,
+    MASK,
+    MEAN_FINAL,
+    PIE_DIRS,
+    PIE_FILES,
+    RESUME_DIR,
+    UNCERTAINTY,
+    encode_state,
+    file_sha256,
+    frame_name,
+    now,
+    run_id,
+    trajectory_dir,
 )
-_PIE_DIR = re.compile(r"^(traj_\d{2,}|\.resume)$")
-RESUME_DIR = ".resume"
-
-
-def frame_name(n: int) -> str:
-    return f"frame_{n:03d}.png"
-
-
-def check_out_dir(path: Path, overwrite: bool) -> None:
-    """Refuse an unusable ``--out`` before any work is done (nothing is created here)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} exists and is not a directory.")
-    check_not_locked(path)
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(
-            f"--out {path} is not empty; pass --overwrite to replace pie's files there, or choose another directory."
-        )
-    check_creatable(path)
-
-
-def check_creatable(path: Path, option: str = "--out") -> None:
-    """Refuse a directory that cannot be written or created (its nearest existing ancestor is read-only)."""
-    ancestor = Path(path)
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not os.access(ancestor, os.W_OK):
-        what = (
-            "is not writable" if ancestor == Path(path) else f"cannot be created: {ancestor} is not writable"
-        )
-        raise UserError(f"{option} {path} {what}.")
-
-
-def check_not_locked(path: Path) -> None:
-    """Refuse early (before loading a model) a directory a live pie process is writing."""
-    owner = live_owner(path)
-    if owner is not None:
-        raise in_use("--out", path, owner)
-
-
-def default_out_dir(image: Path) -> Path:
-    return Path("runs") / f"{Path(image).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def run_id(manifest: dict[str, Any]) -> str:
-    """A short hash of what defines a run (parameters, model, inputs): the same run, the same id."""
-    core = {k: manifest.get(k) for k in ("parameters", "model", "inputs")}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def encode_state(state: Any) -> str:
-    """A torch CPU generator state (uint8 tensor) as base64 text for the manifest."""
-    return base64.b64encode(bytes(state.numpy().tobytes())).decode("ascii")
-
-
-def decode_state(text: str) -> Any:
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class RunWriter:
@@ -120,8 +58,8 @@ class RunWriter:
         manifest: dict[str, Any],
         *,
         lock: bool = True,
-        watermark: Any = None,
-        warn: Any = None,
+        watermark: Callable[[Image.Image], Image.Image] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.manifest = manifest
@@ -129,6 +67,7 @@ class RunWriter:
         self.watermark = watermark
         self.lock = DirLock(self.path, warn=warn) if lock else None
         self.run_id = manifest.setdefault("run_id", run_id(manifest))
+        self._unrecorded: Path | None = None  # a frame saved whose manifest entry is not written yet
 
     def open(self, overwrite: bool) -> None:
         if not self.path.exists():
@@ -148,14 +87,14 @@ class RunWriter:
     def _start(self, overwrite: bool) -> None:
         if overwrite:
             for entry in self.path.iterdir():
-                if entry.is_file() and _PIE_FILE.match(entry.name):
+                if entry.is_file() and PIE_FILES.match(entry.name):
                     entry.unlink()
-                elif entry.is_dir() and _PIE_DIR.match(entry.name):
+                elif entry.is_dir() and PIE_DIRS.match(entry.name):
                     shutil.rmtree(entry)
         self.manifest.setdefault("frames", [])
         self.manifest["status"] = "running"
-        self.manifest["started"] = _now()
-        self._write_manifest()
+        self.manifest["started"] = now()
+        self.write_manifest()
 
     def reopen(self, step: int) -> None:
         """Continue an interrupted run after its whole step ``step``: later frames are dropped."""
@@ -167,10 +106,10 @@ class RunWriter:
             if index.isdigit() and int(index) > step:
                 entry.unlink()
         self.manifest["status"] = "running"
-        self.manifest.setdefault("resumed", []).append({"after_step": step, "at": _now()})
+        self.manifest.setdefault("resumed", []).append({"after_step": step, "at": now()})
         self.manifest.pop("finished", None)
         self.manifest.pop("error", None)
-        self._write_manifest()
+        self.write_manifest()
 
     def write_mask(self, mask: Image.Image) -> None:
         save_png(mask, self.path / MASK, self.run_id)
@@ -187,6 +126,7 @@ class RunWriter:
             clean = self.path / RESUME_DIR
             clean.mkdir(exist_ok=True)
             save_png(image, clean / name, self.run_id)
+        self._unrecorded = self.path / name
         save_png(shown, self.path / name, self.run_id)
         entry = {
             "index": n,
@@ -198,7 +138,8 @@ class RunWriter:
         self.manifest["last_complete_frame"] = n
         if rng_states is not None:
             self.manifest["rng_states"] = [encode_state(s) for s in rng_states]
-        self._write_manifest()
+        self.write_manifest()
+        self._unrecorded = None
         if self.watermark is not None and n > 2:
             # Keep frame 0 and the last two: with trajectories, step n-1 may be the last whole one.
             stale = self.path / RESUME_DIR / frame_name(n - 2)
@@ -219,22 +160,138 @@ class RunWriter:
         self.manifest["outputs"]["gif"] = GIF
 
     def finish(self, status: str, **extra: Any) -> None:
+        """Record ``status`` and release the lock; an unfinished run keeps only its counted frames."""
         self.manifest["status"] = status
-        self.manifest["finished"] = _now()
+        self.manifest["finished"] = now()
         self.manifest.update(extra)
         try:
             if status == "complete":
                 self.manifest.pop("rng_states", None)
                 if (self.path / RESUME_DIR).is_dir():
                     shutil.rmtree(self.path / RESUME_DIR)
-            self._write_manifest()
+            elif self._unrecorded is not None:
+                # Stopped between a frame and its manifest entry: that frame is not part of the run.
+                self._unrecorded.unlink(missing_ok=True)
+                self._unrecorded = None
+            self.write_manifest()
         finally:  # even when the disk is full: never leave a live-looking lock behind
             if self.lock is not None:
                 self.lock.release()
 
-    def _write_manifest(self) -> None:
+    def write_manifest(self) -> None:
         write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+class CaseRun:
+    """The folders one ``pie simulate`` case writes: one run folder per trajectory.
+
+    With one trajectory the case is its folder. With K > 1 the top folder holds the lock,
+    the mask, ``uncertainty.png``/``mean_final.png`` and a manifest of the common progress,
+    and ``traj_KK/`` holds trajectory k (seed + k) with its own manifest and frames.
+    """
+
+    def __init__(self, top: RunWriter, trajectories: list[RunWriter]) -> None:
+        self.top = top
+        self.trajectories = trajectories
+        self.everyone = [top, *trajectories] if trajectories[0] is not top else [top]
+
+    @classmethod
+    def new(
+        cls,
+        out: Path,
+        manifest: dict[str, Any],
+        seeds: list[int],
+        *,
+        watermark: Callable[[Image.Image], Image.Image] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> CaseRun:
+        """A case about to start: ``manifest`` is the top one; trajectory manifests derive from it."""
+        k = len(seeds)
+        top = RunWriter(out, manifest, watermark=watermark if k == 1 else None, warn=warn)
+        if k == 1:
+            return cls(top, [top])
+        writers = []
+        for j, seed in enumerate(seeds):
+            sub = {
+                **manifest,
+                "parameters": {**manifest["parameters"], "seed": seed},
+                "trajectory": j,
+                "run_id": f"{top.run_id}-{j:02d}",
+            }
+            writers.append(RunWriter(Path(out) / trajectory_dir(j), sub, lock=False, watermark=watermark))
+        top.manifest["trajectories"] = [trajectory_dir(j) for j in range(k)]
+        return cls(top, writers)
+
+    @classmethod
+    def continued(
+        cls,
+        out: Path,
+        manifests: list[dict[str, Any]],
+        *,
+        watermark: Callable[[Image.Image], Image.Image] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> CaseRun:
+        """An interrupted case: ``manifests`` are [top] or [top, traj_00, ...] as read back."""
+        k = max(1, len(manifests) - 1)
+        top = RunWriter(out, manifests[0], watermark=watermark if k == 1 else None, warn=warn)
+        if k == 1:
+            return cls(top, [top])
+        writers = [
+            RunWriter(Path(out) / trajectory_dir(j), manifests[j + 1], lock=False, watermark=watermark)
+            for j in range(k)
+        ]
+        top.manifest["trajectories"] = [trajectory_dir(j) for j in range(k)]
+        return cls(top, writers)
+
+    def open(self, overwrite: bool, mask: Image.Image | None) -> None:
+        for writer in self.everyone:
+            writer.open(overwrite)
+        if mask is not None:
+            for writer in self.everyone:
+                writer.write_mask(mask)
+
+    def reopen(self, step: int) -> list[list[Image.Image]]:
+        """Continue after whole step ``step``; returns each trajectory's clean frames 0..step."""
+        for writer in self.everyone:
+            writer.reopen(step)
+        return [[_open_frame(w.clean_frame(n)) for n in range(step + 1)] for w in self.trajectories]
+
+    def write_step(self, index: int, images: list[Image.Image], seconds: float, states: list[Any]) -> None:
+        """Frame ``index`` of every trajectory, then the top manifest's progress."""
+        for writer, image, state in zip(self.trajectories, images, states, strict=True):
+            writer.write_frame(index, image, seconds, [state])
+        if len(self.trajectories) > 1:
+            self.top.manifest["last_complete_frame"] = index
+            self.top.manifest["rng_states"] = [encode_state(s) for s in states]
+            self.top.write_manifest()
+
+    def write_gifs(self, history: list[list[Image.Image]]) -> None:
+        for writer, frames in zip(self.trajectories, history, strict=True):
+            writer.write_gif(frames)
+
+    def write_spread(self, history: list[list[Image.Image]]) -> None:
+        """K > 1: ``uncertainty.png`` (where the last frames disagree, over frame 0) and ``mean_final.png``."""
+        from pie_cli.imaging.annotate import mean_image, spread_map
+
+        last = [frames[-1] for frames in history]
+        save_png(mean_image(last), self.top.path / MEAN_FINAL, self.top.run_id)
+        save_png(spread_map(last, history[0][0]), self.top.path / UNCERTAINTY, self.top.run_id)
+        self.top.manifest["outputs"].update({"uncertainty": UNCERTAINTY, "mean_final": MEAN_FINAL})
+
+    def finish(self, status: str, **extra: Any) -> None:
+        """Mark every folder ``status``; when unfinished, a second failure (a full disk) must not hide the first."""
+        for writer in self.everyone:
+            if status == "complete":
+                writer.finish(status, **extra)
+                continue
+            try:
+                writer.finish(status, **extra)
+            except OSError:
+                if writer.lock is not None:
+                    writer.lock.release()
+
+
+def _open_frame(path: Path) -> Image.Image:
+    from pie_cli.imaging.media import open_image
+
+    return open_image(path, "frame").convert("RGB")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pie_cli.core.parameters import MAX_RESOLUTION
+from pie_cli.core.parameters import MAX_TRAINING_SEED, resolution_problem
 from pie_cli.errors import UserError
 
 DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "hf", "chexpert", "ham10000", "eyepacs")
@@ -120,7 +120,7 @@ class TrainSpec:
             )
         if not self.out:
             raise UserError("--out is required: the directory for the weights, checkpoints and samples.")
-        positive = ("rank", "batch_size", "grad_accum", "resolution", "checkpoint_every", "keep_checkpoints")
+        positive = ("rank", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}.")
@@ -131,11 +131,10 @@ class TrainSpec:
         for name in ("warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}.")
-        if self.resolution % 8:
-            raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}.")
-        if self.resolution > MAX_RESOLUTION:
-            raise UserError(f"--resolution must be at most {MAX_RESOLUTION}, got {self.resolution}.")
-        if not 0 <= self.seed < 2**32:
+        problem = resolution_problem(self.resolution)
+        if problem is not None:
+            raise UserError(f"--resolution {problem}.")
+        if not 0 <= self.seed < MAX_TRAINING_SEED:
             raise UserError(f"--seed must be in [0, 2^32), got {self.seed}.")
         # "not x > 0" rather than "x <= 0": NaN fails every comparison and must be refused too.
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -164,10 +163,6 @@ class TrainSpec:
             raise UserError("--validation-every needs --validation-prompt or --validation-image.")
         if not self.target_modules:
             raise UserError("--target-modules is empty.")
-
-    @property
-    def total_steps_known(self) -> bool:
-        return self.max_steps is not None or self.epochs is not None
 
 
 def _flag(name: str) -> str:
@@ -272,20 +267,25 @@ def read_yaml(path: Path, what: str = "--config") -> dict[str, Any]:
 
 def merge(
     flags: dict[str, Any],
-    explicit: set[str],
+    explicit: set[str] | dict[str, str],
     recipe: dict[str, Any] | None = None,
     saved: dict[str, Any] | None = None,
 ) -> TrainSpec:
-    """Flags given on the command line > recipe file > saved run config > defaults."""
+    """Options given (command line or environment) > recipe file > saved run config > defaults.
+
+    ``explicit`` names the options that were given, or maps each to where it came from
+    (``"command line"``, ``"environment ($PIE_MODEL)"``); ``spec.sources`` records it.
+    """
+    given = dict(explicit) if isinstance(explicit, dict) else dict.fromkeys(explicit, "command line")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for layer, source in ((saved or {}, "saved run"), (recipe or {}, "config file")):
         for key, value in layer.items():
             values[key] = value
             sources[key] = source
-    for key in explicit:
+    for key, source in given.items():
         values[key] = flags[key]
-        sources[key] = "command line"
+        sources[key] = source
     spec = replace(TrainSpec(), **values)
     return replace(spec, sources={name: sources.get(name, "default") for name in OPTION_NAMES})
 
@@ -293,7 +293,7 @@ def merge(
 def write_yaml(spec: TrainSpec, path: Path) -> None:
     import yaml
 
-    from pie_cli.imaging.media import write_text
+    from pie_cli.imaging.files import write_text
 
     header = (
         "# Effective pie finetune configuration (flags > --config file > defaults). Reusable with --config.\n"

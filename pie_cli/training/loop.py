@@ -5,25 +5,18 @@ from one CPU ``torch.Generator`` that is checkpointed with the weights, the opti
 LR scheduler and accelerate's RNG states; the data order and augmentations are seeded by
 (seed, epoch, example). So weights after 2 steps + resume + 2 steps equal 4 straight steps.
 
-Surviving kills: a checkpoint is written into a hidden ``.step_N.tmp`` folder, completed by a
-marker file and only then renamed to ``step_N``, so a run killed at any moment (even SIGKILL
-while saving) leaves every ``step_*`` folder either complete or without its marker, and
-``latest_checkpoint`` only ever picks a complete one. SIGINT and SIGTERM during the step loop
-stop training after the current optimizer step with a checkpoint of that step (see
-``StopSignals``); a NaN/inf loss or non-finite weights stop it before anything is saved.
+Surviving kills: checkpoints are complete or absent (``checkpoints.py``). SIGINT and SIGTERM
+during the step loop stop training after the current optimizer step with a checkpoint of that
+step (``pie_cli.signals.StopSignals``); a NaN/inf loss or non-finite weights stop it before
+anything is saved. Validation samples and the final weights are ``outputs.py``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
 import math
 import os
-import re
-import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,26 +25,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pie_cli.cli.console import ui
 from pie_cli.core.registry import ModelSource
 from pie_cli.errors import NumericalError
+from pie_cli.imaging.files import temp_path
+from pie_cli.reporting import Reporter
+from pie_cli.signals import StopSignals, TrainingInterrupted
+from pie_cli.training.checkpoints import METRICS, latest_checkpoint, save_checkpoint
 from pie_cli.training.config import TEXT_LORA_TARGETS, TrainSpec
 from pie_cli.training.data import Record, TrainingData
 from pie_cli.training.dataset import EpochSampler, PairDataset, PairedBatches, collate
-from pie_cli.training.lora import (
-    LORA_FILE,
-    add_lora,
-    link_or_copy,
-    load_checkpoint_lora,
-    save_checkpoint_lora,
-    save_final_lora,
-)
+from pie_cli.training.lora import add_lora, load_checkpoint_lora, save_checkpoint_lora
 
-CHECKPOINTS = "checkpoints"
-COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint folder without it is incomplete
-SAMPLES = "samples"
-METRICS = "metrics.csv"
-SUMMARY = "training_summary.json"
 DEFAULT_MAX_STEPS = 1000
 
 
@@ -76,147 +60,6 @@ class LoopState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped the loop at an optimizer step, with a checkpoint of that step."""
-
-    def __init__(self, step: int, checkpoint: Path, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.step = step
-        self.checkpoint = checkpoint
-        self.signum = signum
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM while training, installed for that time and restored after.
-
-    Outside the step loop (loading, caching latents, final save) a signal interrupts at once,
-    as KeyboardInterrupt. Inside it (``deferring``) the first one is only recorded: the loop
-    finishes its optimizer step, saves a checkpoint of it and raises ``TrainingInterrupted``,
-    so a resume continues exactly there. A second signal interrupts at once; the last complete
-    checkpoint stays. A signal the process inherited as ignored (a background job of a
-    non-interactive shell, nohup) stays ignored.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.deferring = False
-        self._previous: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __enter__(self) -> StopSignals:
-        self._pid = os.getpid()
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous = signal.getsignal(sig)
-                if previous is None or previous == signal.SIG_IGN:
-                    continue
-                self._previous[sig] = previous
-                signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-        self.deferring = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a forked data worker, before it ignores SIGINT: the main decides
-            return
-        if self.deferring and self.received is None:
-            self.received = signum
-            if not ui.quiet:  # a raw write: safe inside a signal handler
-                again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
-                name = signal.Signals(signum).name
-                note = (
-                    f"\n{name}: stopping after this step and saving a checkpoint ({again} to stop at once).\n"
-                )
-                with contextlib.suppress(OSError):
-                    os.write(2, note.encode())
-            return
-        self.received = self.received or signum
-        raise KeyboardInterrupt
-
-
-_STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """N of a ``step_N`` checkpoint folder (None for anything else)."""
-    match = _STEP_DIR.fullmatch(path.name)
-    return int(match.group(1)) if match else None
-
-
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file()
-
-
-def _step_dirs(out: Path) -> list[Path]:
-    root = out / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint of the run in ``out`` (incomplete folders are skipped)."""
-    complete = [p for p in _step_dirs(out) if is_complete(p)]
-    return complete[-1] if complete else None
-
-
-def incomplete_checkpoints(out: Path) -> list[Path]:
-    """``step_*`` folders without their completion marker: what a kill while saving leaves."""
-    return [p for p in _step_dirs(out) if not is_complete(p)]
-
-
-# Temporary names pie writes in a run directory (atomic writes); a killed run can leave them.
-_LEFTOVER = re.compile(
-    r"\.(metrics\.csv|training_summary\.json|training_config\.yaml|unet|text_encoder)(\.\d+)?\.tmp|\.lora-.*"
-)
-
-
-def remove_leftovers(out: Path) -> None:
-    """Remove what a killed run left half-written: temporary files and checkpoint folders."""
-    places = [(out, _LEFTOVER), (out / CHECKPOINTS, re.compile(r"\.step_\d+\.tmp"))]
-    for folder, pattern in places:
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if pattern.fullmatch(path.name):
-                _remove(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        (path / COMPLETE).unlink(missing_ok=True)  # first: a folder half-removed is never "complete"
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush a checkpoint's files and its folder to disk before a rename publishes it."""
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        _fsync(path)
-    _fsync(folder)
 
 
 def _isolated(batches):
@@ -247,6 +90,8 @@ def _precision_dtype(spec: TrainSpec) -> torch.dtype:
 
 
 class Trainer:
+    """One training run: :meth:`setup` (accelerate, the model, data, optimizer), then :meth:`run`."""
+
     def __init__(
         self,
         spec: TrainSpec,
@@ -254,58 +99,42 @@ class Trainer:
         data: TrainingData,
         prior: list[Record] | None,
         out: Path,
-        display: Any,
-        log: Any,
+        reporter: Reporter,
     ) -> None:
         self.spec = spec
         self.source = source
         self.data = data
         self.prior = prior
         self.out = out
-        self.display = display
-        self.log = log  # callable(str) for notes on stderr
-        self.signals = StopSignals()  # the caller installs it around setup() and run()
+        self.reporter = reporter
+        self.signals = StopSignals(quiet=reporter.quiet)  # the caller installs it around setup() and run()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import DDPMScheduler
 
-        from pie_cli.cli.console import warn
-        from pie_cli.core.loading import require_safetensors
+        from pie_cli.core.distributed import cpu_processes
+        from pie_cli.core.loading import load_parts, load_scheduler
 
         spec = self.spec
-        from pie_cli.core.distributed import cpu_processes
-
         self.accelerator = acc = Accelerator(
-            cpu=cpu_processes(),  # see pie_cli/distributed.py
+            cpu=cpu_processes(),  # see pie_cli/core/distributed.py
             gradient_accumulation_steps=spec.grad_accum,
             mixed_precision=spec.mixed_precision,
             project_config=ProjectConfiguration(project_dir=str(self.out)),
         )
         set_seed(spec.seed)  # LoRA initialisation and dropout: the same run for the same seed
-        root = self.source.path
-        unet_dir = self.source.unet or (root / "unet")
-        ref = self.source.reference
-
-        def common(folder: Path, what: str) -> dict:
-            safe = require_safetensors(folder, what, spec.allow_pickle, warn)
-            return {"local_files_only": True, "use_safetensors": safe}
-
-        self.tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
-        self.text_encoder = CLIPTextModel.from_pretrained(
-            root, subfolder="text_encoder", **common(root / "text_encoder", f"model {ref}: text_encoder")
+        # The same loader as inference (fp32 here; the parts are cast below).
+        self.unet, self.vae, self.text_encoder, self.tokenizer = load_parts(
+            self.source, allow_pickle=spec.allow_pickle, warn=self.reporter.warn
         )
-        self.vae = AutoencoderKL.from_pretrained(
-            root, subfolder="vae", **common(root / "vae", f"model {ref}: vae")
-        )
-        self.unet = UNet2DConditionModel.from_pretrained(unet_dir, **common(unet_dir, f"model {ref}: unet"))
         self.noise_scheduler = DDPMScheduler.from_pretrained(
-            root, subfolder="scheduler", local_files_only=True
+            self.source.path, subfolder="scheduler", local_files_only=True
         )
-        self.inference_scheduler_dir = root
+        # Validation samples use the model's own inference scheduler, under `pie simulate`'s policy.
+        self.inference_scheduler = load_scheduler(self.source) if spec.validation_every else None
 
         lora = spec.method == "lora"
         self.train_te = spec.train_text_encoder
@@ -404,7 +233,8 @@ class Trainer:
             self.unet, self.text_encoder, self.optimizer, self.loader, self.lr_scheduler = prepared
         else:
             self.unet, self.optimizer, self.loader, self.lr_scheduler = prepared
-        self.trainables = models if not self.train_te else [self.unet, self.text_encoder]
+        # After prepare: under several processes accumulate() needs the wrapped modules to skip syncs.
+        self.trainables = [self.unet, self.text_encoder] if self.train_te else [self.unet]
         self.state = LoopState(spec.seed)
         acc.register_for_checkpointing(self.state)
         if lora:
@@ -433,8 +263,7 @@ class Trainer:
         cache = {}
         sets = [("instance", self.dataset)] + ([("prior", self.prior_dataset)] if self.prior else [])
         total = sum(len(ds) for _, ds in sets)
-        done = 0
-        with self.display.status(f"caching latents of {total} images"):
+        with self.reporter.status(f"caching latents of {total} images"):
             for name, ds in sets:
                 means, stds = [], []
                 for start in range(0, len(ds), 8):
@@ -442,7 +271,6 @@ class Trainer:
                     mean, std = self._posterior(pixels)
                     means.append(mean.cpu())
                     stds.append(std.cpu())
-                    done += len(pixels)
                 cache[name] = (torch.cat(means), torch.cat(stds))
         return cache
 
@@ -508,10 +336,10 @@ class Trainer:
         spec = self.spec
         if resume_from is not None:
             acc.load_state(str(resume_from))
-            self.log(f"resumed from {resume_from} at step {self.state.step}")
+            self.reporter.note(f"resumed from {resume_from} at step {self.state.step}")
         step = self.state.step
         if step >= self.total_steps:
-            self.log(f"already at step {step} of {self.total_steps}; nothing to train.")
+            self.reporter.note(f"already at step {step} of {self.total_steps}; nothing to train.")
         metrics = self._open_metrics(step)
         epoch = step // self.steps_per_epoch
         skip = (step % self.steps_per_epoch) * spec.grad_accum
@@ -522,7 +350,7 @@ class Trainer:
         last_loss = None
         for model in self.trainables:
             model.train()
-        self.display.start(self.total_steps, "finetune", completed=step)
+        self.reporter.start(self.total_steps, "finetune", completed=step)
         self.signals.deferring = True
         try:
             while step < self.total_steps:
@@ -563,7 +391,7 @@ class Trainer:
                         metrics.writerow([step, f"{last_loss:.6f}", f"{lr:.6g}", f"{now - step_started:.4f}"])
                         self._metrics_file.flush()
                     smoothed = last_loss if smoothed is None else 0.9 * smoothed + 0.1 * last_loss
-                    self.display.advance(
+                    self.reporter.advance(
                         step,
                         now - step_started,
                         f"loss {smoothed:.4f}  lr {lr:.2e}",
@@ -614,7 +442,7 @@ class Trainer:
             kept = [
                 row for row in kept if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step
             ]
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temp_path(path)
         with open(tmp, "w", newline="") as fh:  # rewritten beside, then swapped: never half a history
             writer = csv.writer(fh)
             writer.writerow(header)
@@ -637,154 +465,29 @@ class Trainer:
             )
 
     def checkpoint(self, step: int) -> Path:
-        """checkpoints/step_N, published complete or not at all (write beside, mark, rename)."""
-        acc = self.accelerator
+        """checkpoints/step_N of this step (weights checked finite first), then older ones pruned."""
         self._check_finite(step)
-        path = self.out / CHECKPOINTS / f"step_{step:06d}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        if acc.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _remove(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            marker = {
-                "step": step,
-                "total_steps": self.total_steps,
-                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            (tmp / COMPLETE).write_text(json.dumps(marker) + "\n")
-            _fsync_tree(tmp)
-            if path.exists():  # an older save of this step (resumed from an earlier one) or a broken one
-                _remove(path)
-            os.rename(tmp, path)
-            _fsync(path.parent)  # the rename itself
-            self._prune(step)
-        acc.wait_for_everyone()
-        return path
-
-    def _prune(self, step: int) -> None:
-        """Keep the newest --keep-checkpoints complete checkpoints; drop broken ones before ``step``."""
-        dirs = _step_dirs(self.out)
-        complete = [p for p in dirs if is_complete(p)]
-        for old in complete[: -self.spec.keep_checkpoints]:
-            _remove(old)
-        for broken in (p for p in dirs if not is_complete(p)):
-            if (checkpoint_step(broken) or 0) < step:
-                _remove(broken)
-
-    def _inference_components(self):
-        from pie_cli.core.progression import Components
-
-        unet = self.accelerator.unwrap_model(self.unet)
-        te = self.accelerator.unwrap_model(self.text_encoder)
-        import diffusers
-
-        cfg = json.loads((self.inference_scheduler_dir / "scheduler" / "scheduler_config.json").read_text())
-        sched_cls = getattr(diffusers, cfg.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
-        scheduler = sched_cls.from_pretrained(
-            self.inference_scheduler_dir, subfolder="scheduler", local_files_only=True
-        )
-        return Components(unet, self.vae, te, self.tokenizer, scheduler)
+        return save_checkpoint(self.accelerator, self.out, step, self.total_steps, self.spec.keep_checkpoints)
 
     def validate(self, step: int) -> None:
-        """Samples with the current weights under DIR/samples: text-to-image and/or a short PIE run."""
+        """Samples with the current weights under DIR/samples (main process only)."""
         if not self.accelerator.is_main_process:
             return
-        from pie_cli.core.loading import as_pipeline
-        from pie_cli.core.progression import progress
-        from pie_cli.imaging.animation import write_grid
-        from pie_cli.imaging.media import open_image, save_png
+        from pie_cli.training.outputs import write_samples
 
-        spec = self.spec
-        samples = self.out / SAMPLES
-        samples.mkdir(exist_ok=True)
-        components = self._inference_components()
         for model in self.trainables:
             model.eval()
         try:
-            with torch.no_grad(), self.accelerator.autocast():
-                pipe = as_pipeline(components)
-                for k, prompt in enumerate(spec.validation_prompt):
-                    gen = torch.Generator("cpu").manual_seed(spec.seed + k)
-                    image = pipe(
-                        prompt,
-                        num_inference_steps=20,
-                        guidance_scale=7.5,
-                        generator=gen,
-                        height=spec.resolution,
-                        width=spec.resolution,
-                    ).images[0]
-                    save_png(image, samples / f"step_{step:06d}_prompt{k}.png")
-                if spec.validation_image:
-                    img = open_image(Path(spec.validation_image), "--validation-image")
-                    mask = open_image(Path(spec.validation_mask), "--validation-mask")
-                    prompt = (
-                        spec.validation_prompt[0] if spec.validation_prompt else self.data.records[0].prompt
-                    )
-                    frames = [
-                        f.image
-                        for f in progress(
-                            components,
-                            img,
-                            mask,
-                            prompt=prompt,
-                            steps=3,
-                            inference_steps=20,
-                            resolution=spec.resolution,
-                            seed=spec.seed,
-                        )
-                    ]
-                    write_grid(frames, samples / f"step_{step:06d}_pie.png")
+            write_samples(self, step)
         finally:
             for model in self.trainables:
                 model.train()
 
     def save_final(self) -> Path:
-        acc = self.accelerator
+        """The trained weights in the run folder (LoRA file, or a complete model for full fine-tuning)."""
         self._check_finite(self.state.step)
-        if not acc.is_main_process:
+        if not self.accelerator.is_main_process:
             return self.out
-        unet = acc.unwrap_model(self.unet)
-        te = acc.unwrap_model(self.text_encoder) if self.train_te else None
-        if self.spec.method == "lora":
-            return save_final_lora(self.out, unet, te)
-        for name, module in (("unet", unet), ("text_encoder", te)):
-            if module is None:
-                continue
-            tmp = self.out / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            module.save_pretrained(tmp, safe_serialization=True)
-            shutil.rmtree(self.out / name, ignore_errors=True)
-            tmp.rename(self.out / name)
-        # The rest of the base model (hard-linked), so DIR is a complete model: --model DIR works.
-        root = self.source.path
-        for name in ("vae", "tokenizer", "scheduler") + (() if te is not None else ("text_encoder",)):
-            if not (self.out / name).exists():
-                link_or_copy(root / name, self.out / name)
-        index_file = root / "model_index.json"
-        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        index.update(
-            {
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            }
-        )
-        (self.out / "model_index.json").write_text(json.dumps(index, indent=2))
-        return self.out / "unet"
+        from pie_cli.training.outputs import save_weights
 
-
-__all__ = [
-    "COMPLETE",
-    "LORA_FILE",
-    "StopSignals",
-    "Trainer",
-    "TrainResult",
-    "TrainingInterrupted",
-    "incomplete_checkpoints",
-    "is_complete",
-    "latest_checkpoint",
-    "remove_leftovers",
-]
+        return save_weights(self)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,10 +10,12 @@ from typing import Annotated
 
 import typer
 
-from pie_cli.cli.boundary import guarded, writing
+from pie_cli.cli.boundary import guarded
 from pie_cli.cli.console import info, result
-from pie_cli.cli.options import DebugOpt, OverwriteOpt
+from pie_cli.cli.options import DebugOpt, OverwriteOpt, PhantomSeedOpt
+from pie_cli.core.parameters import MAX_SEED
 from pie_cli.errors import UserError
+from pie_cli.imaging.files import check_out_dir, writing
 
 demo_app = typer.Typer(
     help="Synthetic chest-X-ray phantoms with known findings (for the offline demo, tests and fine-tuning).",
@@ -24,7 +25,6 @@ demo_app = typer.Typer(
 )
 
 SizeOpt = Annotated[int, typer.Option("--size", help="Image size in pixels (the demo model works at 64).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same phantoms.")]
 
 
 def _parse_kinds(text: str) -> tuple[str, ...]:
@@ -38,19 +38,10 @@ def _parse_kinds(text: str) -> tuple[str, ...]:
 
 
 MAX_SIZE = 1024  # phantoms are drawn 4x supersampled: 1024 px already takes a few hundred MB
-MAX_SEED = 2**63
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} is not empty; pass --overwrite to write into it anyway.")
-    ancestor = out
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not os.access(ancestor, os.W_OK):
-        raise UserError(f"--out {out} cannot be created: {ancestor} is not writable.")
+# A demo folder is written into when asked (the phantoms' names are fixed).
+_NOT_EMPTY = "pass --overwrite to write into it anyway"
 
 
 def _check_numbers(size: int, seed: int) -> None:
@@ -61,7 +52,7 @@ def _check_numbers(size: int, seed: int) -> None:
 
 
 @contextmanager
-def _tidy(out: Path) -> Iterator[None]:
+def _restore_on_failure(out: Path) -> Iterator[None]:
     """On failure, leave ``out`` as it was found: removed if this command made it, emptied if it was empty."""
     created = not out.exists()
     was_empty = out.is_dir() and not any(out.iterdir())
@@ -97,7 +88,7 @@ def data(
         ),
     ] = "effusion",
     size: SizeOpt = 64,
-    seed: SeedOpt = 0,
+    seed: PhantomSeedOpt = 0,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -109,10 +100,8 @@ def data(
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}.")
     _check_numbers(size, seed)
-    _check_out(out, overwrite)
-    from pie_cli.cli.console import ui
-
-    with _tidy(out), writing(out), ProgressDisplay(ui.progress) as display:
+    check_out_dir(out, overwrite, not_empty=_NOT_EMPTY)
+    with _restore_on_failure(out), writing(out), ProgressDisplay() as display:
         display.start(n, "phantoms")
         write_dataset(
             out,
@@ -139,7 +128,7 @@ def case(
         ),
     ],
     size: SizeOpt = 64,
-    seed: SeedOpt = 7,
+    seed: PhantomSeedOpt = 7,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -147,8 +136,8 @@ def case(
     from pie_cli.demo.data import write_case
 
     _check_numbers(size, seed)
-    _check_out(out, overwrite)
-    with _tidy(out), writing(out):
+    check_out_dir(out, overwrite, not_empty=_NOT_EMPTY)
+    with _restore_on_failure(out), writing(out):
         paths = write_case(out, seed, size)
     info(
         f"demo case: healthy phantom {paths['image']}, lung masks {paths['left'].name} (patient's left = image "

@@ -1,8 +1,7 @@
-"""`pie export-gif RUN_DIR_OR_FRAMES... --out FILE`. Never imports torch."""
+"""`pie export-gif RUN_DIR_OR_FRAMES... --out FILE`: frames -> an animation, strip or video. Never imports torch."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -81,25 +80,17 @@ def export_gif(
     debug: DebugOpt = False,
 ) -> None:
     """Turn frames into an animation, a contact strip or a video for people to look at."""
-    import numpy as np
-
     from pie_cli.imaging import animation as export
-    from pie_cli.imaging.masks import mask_to_grey
-    from pie_cli.imaging.media import open_image
+    from pie_cli.imaging.files import check_out_file
+    from pie_cli.runs import frames as run_frames
+    from pie_cli.runs.manifest import run_id_of
 
     suffix = out_path.suffix.lower()
     if suffix not in export.FORMATS:
         raise UserError(
             f"--out {out_path}: unknown format {suffix or '(none)'!r}; use {', '.join(export.FORMATS)}."
         )
-    if out_path.is_dir():
-        raise UserError(f"--out {out_path} is a directory; name the file to write.")
-    if out_path.exists() and not overwrite:
-        raise UserError(f"--out {out_path} already exists; pass --overwrite to replace it.")
-    if not out_path.parent.is_dir():
-        raise UserError(f"--out {out_path}: directory {out_path.parent} does not exist.")
-    if not os.access(out_path.parent, os.W_OK):
-        raise UserError(f"--out {out_path}: directory {out_path.parent} is not writable.")
+    check_out_file(out_path, "--out", overwrite)
     for name, value, low, high in (
         ("--duration-ms", duration_ms, 1, MAX_DELAY_MS),
         ("--hold-last-ms", hold_last_ms, 0, MAX_DELAY_MS),
@@ -120,18 +111,13 @@ def export_gif(
                 f"writing {out_path.name} needs the optional video extra: pip install 'pie-cli[video]' (PyAV)."
             ) from None
 
-    sources, mask_path = export.collect(inputs)
-    images = export.load(sources)
+    sources, mask_path = run_frames.collect(inputs)
+    images = run_frames.load(sources)
     mask = None
     if mask_outline:
         if mask_path is None:
             raise UserError("--mask-outline needs a run directory with mask.png among the inputs.")
-        mask = np.asarray(mask_to_grey(open_image(mask_path, "mask"), mask_path))
-        if mask.shape[::-1] != images[0].size:
-            raise UserError(
-                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but the frames are "
-                f"{images[0].width}x{images[0].height}."
-            )
+        mask = run_frames.load_mask(mask_path, images)
     if caption is not None:
         export.caption_text(caption, 0, 0, "x")  # template errors before any work
     if suffix == ".gif" and duration_ms % 10:
@@ -159,21 +145,6 @@ def export_gif(
         from pie_cli.imaging.annotate import watermark as burn
 
         frames = [burn(f) for f in frames]
-    export.write(frames, out_path, options, turn, run_id=_run_id(inputs))
+    export.write(frames, out_path, options, turn, run_id=run_id_of(inputs))
     info(f"export: {len(frames)} frames, {frames[0].width}x{frames[0].height} -> {out_path}")
     result(str(out_path))
-
-
-def _run_id(inputs: list[Path]) -> str | None:
-    """The run id of the first run directory among ``inputs`` (for the output's provenance)."""
-    import json
-
-    for item in map(Path, inputs):
-        manifest = item / "manifest.json"
-        if manifest.is_file():
-            try:
-                value = json.loads(manifest.read_text(encoding="utf-8")).get("run_id")
-            except (OSError, ValueError, AttributeError):
-                return None
-            return value if isinstance(value, str) else None
-    return None

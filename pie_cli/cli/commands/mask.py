@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -121,6 +120,7 @@ def make(
 ) -> None:
     """Make a mask for IMAGE in `pie simulate`'s geometry: regions are united, then dilate, erode, fill, feather, invert."""
     from pie_cli.imaging.auto_masks import AUTO_CHOICES
+    from pie_cli.imaging.files import check_out_file
     from pie_cli.imaging.mask_regions import MaskSpec, build_mask
     from pie_cli.imaging.masks import mask_to_grey, require_image_size
     from pie_cli.imaging.media import open_image
@@ -165,14 +165,7 @@ def make(
             continue
         if path.suffix.lower() != ".png":
             raise UserError(f"{what} {path} must be a .png file (masks are stored losslessly).")
-        if path.is_dir():
-            raise UserError(f"{what} {path} is a directory; name the file to write.")
-        if path.exists() and not overwrite:
-            raise UserError(f"{what} {path} already exists; pass --overwrite to replace it.")
-        if not path.parent.is_dir():
-            raise UserError(f"{what} {path}: directory {path.parent} does not exist.")
-        if not os.access(path.parent, os.W_OK):
-            raise UserError(f"{what} {path}: directory {path.parent} is not writable.")
+        check_out_file(path, what, overwrite)
 
     img = open_image(image, "image")
     require_image_size(img, image)
@@ -189,7 +182,7 @@ def make(
         )
     from PIL import Image
 
-    from pie_cli.imaging.animation import png_writer, write_together
+    from pie_cli.imaging.files import png_writer, write_together
     from pie_cli.imaging.mask_regions import preview as render_preview
 
     pictures = [(out_path, Image.fromarray(mask, mode="L"))]

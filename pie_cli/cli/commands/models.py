@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 
-from pie_cli.cli.boundary import guarded, writing
-from pie_cli.cli.console import info, out, result, warn
+from pie_cli.cli.boundary import guarded
+from pie_cli.cli.console import human_bytes, info, out, result, warn
 from pie_cli.cli.options import DebugOpt, JsonOpt
 from pie_cli.errors import UserError
+from pie_cli.imaging.files import writing
 
 models_app = typer.Typer(
     help="The model registry: built-in aliases, your aliases, local folders and the Hugging Face cache.",
@@ -22,64 +23,23 @@ models_app = typer.Typer(
 )
 
 
-def _status(reference: str) -> tuple[str, str]:
-    """(status word, resolved path or reason) for a reference, without loading anything."""
-    from pie_cli.core.registry import resolve
-
-    try:
-        source = resolve(reference)
-    except UserError as exc:
-        return "unavailable", exc.message
-    return "ok", str(source.path)
+# The table's words for registry.status values.
+_SHOWN = {"ok": ("green", "ready"), "not cached": ("yellow", "not cached"), "broken": ("red", "broken")}
 
 
 @models_app.command("list")
 @guarded
 def list_models(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List built-in and user aliases and whether each resolves offline."""
-    from pie_cli.core.registry import BUILTIN_ALIASES, BUILTIN_LOCAL, BUILTIN_NOTES, load_user_models
+    from pie_cli.core.registry import entries, load_user_models, status
 
+    users = load_user_models()
     rows = []
-    for name in BUILTIN_LOCAL:
-        status, where = _status(name)
-        rows.append(
-            {
-                "name": name,
-                "kind": "model",
-                "source": "built-in",
-                "target": "(shipped with pie)",
-                "status": status,
-                "path": where if status == "ok" else None,
-                "note": BUILTIN_NOTES[name],
-            }
-        )
-    for name, repo in BUILTIN_ALIASES.items():
-        status, where = _status(name)
-        rows.append(
-            {
-                "name": name,
-                "kind": "model",
-                "source": "built-in",
-                "target": repo,
-                "status": status,
-                "path": where if status == "ok" else None,
-                "note": BUILTIN_NOTES[name],
-            }
-        )
-    for name, entry in load_user_models().items():
-        status, where = _status(name)
-        rows.append(
-            {
-                "name": name,
-                "kind": entry.kind,
-                "source": "user",
-                "target": entry.target,
-                "base": entry.base,
-                "status": status,
-                "path": where if status == "ok" else None,
-                "note": where if status != "ok" else "",
-            }
-        )
+    for row in entries(users):
+        found = status(row["name"], users)
+        ok = found.status == "ok"
+        note = row["note"] if row["source"] == "built-in" or ok else found.detail
+        rows.append({**row, "status": found.status, "path": found.detail if ok else None, "note": note})
     if as_json:
         result(json.dumps(rows, indent=2))
         return
@@ -89,13 +49,13 @@ def list_models(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     for col in ("name", "kind", "source", "target", "status"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        style = "green" if r["status"] == "ok" else "yellow"
+        style, word = _SHOWN[r["status"]]
         table.add_row(
             r["name"],
             r["kind"],
             r["source"],
             r["target"] + (f" (on {r['base']})" if r.get("base") else ""),
-            f"[{style}]{'ready' if r['status'] == 'ok' else 'not available offline'}[/{style}]",
+            f"[{style}]{word}[/{style}]",
         )
     out().print(table)
 
@@ -126,6 +86,8 @@ def add(
         edit_user_models,
         load_user_models,
         resolve,
+        status,
+        trained_on,
         user_models_file,
     )
 
@@ -145,7 +107,7 @@ def add(
     stored = str(path.resolve()) if path.exists() else target
     if kind in {"lora", "unet"}:
         if not base:
-            base = _trained_on(path)
+            base = trained_on(path)
             if base:
                 info(f"base model {base} (from {path / 'training_config.yaml'})")
         if not base:
@@ -161,27 +123,14 @@ def add(
             and target not in models
         ):
             raise UserError(f"{target} does not exist and is not an alias or a repo id.")
-        status, where = _status(target)
-        if status != "ok":
-            warn(f"{where}")
+        found = status(target, models)
+        if found.status != "ok":
+            warn(found.reason or found.detail)
     with writing(user_models_file()), edit_user_models() as current:  # locked: a concurrent add is kept
         if name in current and name not in models and not force:
             raise UserError(f"alias {name} was just added by another process; pass --force to replace it.")
         current[name] = UserModel(target=stored, kind=kind, base=base, weight=weight)
     info(f"added {name} -> {stored} ({kind}{', on ' + base if base else ''})")
-
-
-def _trained_on(path: Path) -> str | None:
-    """The base model a `pie finetune` output was trained from (its training_config.yaml), if any."""
-    cfg = path / "training_config.yaml" if path.is_dir() else path.parent / "training_config.yaml"
-    if not cfg.is_file():
-        return None
-    from pie_cli.training.config import read_yaml
-
-    try:
-        return read_yaml(cfg, "training config").get("model")
-    except UserError:
-        return None
 
 
 @models_app.command("remove")
@@ -229,7 +178,7 @@ def model_info(
     for comp, entry in data["components"].items():
         detail = entry.get("class") or "present"
         if "weights" in entry:
-            detail += f"  {entry['weights']}, {entry['bytes'] / 1e6:.1f} MB"
+            detail += f"  {entry['weights']}, {human_bytes(entry['bytes'])}"
         console.print(f"{comp:<20} {detail if entry['present'] else 'missing'}", markup=False)
 
 

@@ -1,4 +1,4 @@
-"""`pie simulate`: options -> checked spec -> model -> progression -> run directory."""
+"""`pie simulate`: options -> SimulateSpec -> the simulate service -> the run directory on stdout."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pie_cli.cli.options import (
+    AllowPickleOpt,
     DebugOpt,
     DeviceOpt,
     Dtype,
@@ -20,6 +21,7 @@ from pie_cli.cli.options import (
     SeedOpt,
     WatermarkOpt,
 )
+from pie_cli.core.parameters import DEFAULTS, TUNABLE
 
 
 def simulate(
@@ -49,28 +51,28 @@ def simulate(
     out: OutOpt = None,
     steps: Annotated[
         int, typer.Option("--steps", "-n", help="Progression steps N (frames after frame 0).")
-    ] = 10,
+    ] = DEFAULTS.steps,
     strength: Annotated[
         float, typer.Option("--strength", "-g", help="Fraction of the schedule re-run per step, in (0, 1].")
-    ] = 0.5,
+    ] = DEFAULTS.strength,
     guidance_scale: Annotated[
         float, typer.Option("--guidance-scale", "-w", help="Classifier-free guidance scale.")
-    ] = 7.5,
+    ] = DEFAULTS.guidance_scale,
     beta1: Annotated[
         float, typer.Option("--beta1", help="Blend weight outside the mask (0 = keep the input).")
-    ] = 0.01,
-    beta2: Annotated[float, typer.Option("--beta2", help="Blend weight inside the mask.")] = 0.75,
+    ] = DEFAULTS.beta1,
+    beta2: Annotated[float, typer.Option("--beta2", help="Blend weight inside the mask.")] = DEFAULTS.beta2,
     inference_steps: Annotated[
         int, typer.Option("--inference-steps", "-T", help="Scheduler steps of a full schedule.")
-    ] = 50,
+    ] = DEFAULTS.inference_steps,
     scheduler: Annotated[
         SchedulerName, typer.Option("--scheduler", help="Denoising scheduler; 'model' = the model's own.")
     ] = SchedulerName.model,
     negative_prompt: Annotated[
         str, typer.Option("--negative-prompt", help="Text for the unconditional branch of guidance.")
-    ] = "",
+    ] = DEFAULTS.negative_prompt,
     seed: SeedOpt = 42,
-    resolution: ResolutionOpt = 512,
+    resolution: ResolutionOpt = DEFAULTS.resolution,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     unet: Annotated[
@@ -137,13 +139,7 @@ def simulate(
         bool, typer.Option("--compile", help="torch.compile the UNet (slow start, faster steps).")
     ] = False,
     watermark: WatermarkOpt = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle",
-            help="Also load .bin/.ckpt pickle weights (they can run code: trusted files only).",
-        ),
-    ] = False,
+    allow_pickle: AllowPickleOpt = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -155,25 +151,22 @@ def simulate(
     debug: DebugOpt = False,
 ) -> None:
     """Simulate disease progression: frames in which the finding of PROMPT appears and grows inside MASK."""
-    from pie_cli.errors import UserError
-    from pie_cli.simulate.run import SimulateSpec, resume_run, run, run_cohort
+    from pie_cli.cli.console import info, result, ui
+    from pie_cli.cli.display import ProgressDisplay
+    from pie_cli.core.parameters import PieConfig
+    from pie_cli.errors import PieError, UserError
+    from pie_cli.simulate.spec import SimulateSpec
 
+    given = locals()
     spec = SimulateSpec(
         image=image,
         prompt=prompt,
         mask=mask,
         model=model,
         out=out if out is not None else _default_out(image if image is not None else cohort),
-        steps=steps,
-        strength=strength,
-        guidance_scale=guidance_scale,
-        beta1=beta1,
-        beta2=beta2,
-        inference_steps=inference_steps,
+        params=PieConfig(prompt="", **{name: given[name] for name in TUNABLE}),
         scheduler=scheduler.value,
-        negative_prompt=negative_prompt,
         seed=seed,
-        resolution=resolution,
         device=device,
         dtype=dtype.value,
         unet=unet,
@@ -195,14 +188,43 @@ def simulate(
             raise UserError(
                 "--resume continues --out DIR with its own settings; drop IMAGE, --cohort and --overwrite."
             )
-        resume_run(out, spec)
+        from pie_cli.simulate.resume import resume_run
+
+        with ProgressDisplay() as display:
+            done = resume_run(out, spec, display)
+        if done.already_complete:
+            info(f"{out} is already complete; nothing to resume.")
+        else:
+            info(f"pie: steps {done.first_step}..{done.steps} in {done.seconds:.1f} s -> {out}")
     elif cohort is not None:
-        run_cohort(cohort, spec)
+        from pie_cli.simulate.cohort import run_cohort
+
+        with ProgressDisplay() as display:
+            done = run_cohort(cohort, spec, display, stop_on_error=ui.debug)
+        info(
+            f"cohort: {done.count('complete')} run, {done.count('skipped')} skipped, {done.failures} failed "
+            f"-> {done.summary}"
+        )
+        result(str(done.out))
+        if done.failures:
+            raise PieError(f"{done.failures} cohort case(s) failed; see {done.summary}.")
+        return
     else:
-        run(spec)
+        from pie_cli.simulate.run import run
+
+        with ProgressDisplay() as display:
+            done = run(spec, display)
+        many = f" x {done.trajectories} trajectories" if done.trajectories > 1 else ""
+        info(
+            f"pie: {done.steps} progression steps{many} in {done.seconds:.1f} s "
+            f"({done.seconds / done.steps:.2f} s/step) -> {done.gif or done.out}"
+        )
+    result(str(done.out))
 
 
 def _default_out(name: Path | None) -> Path:
-    from pie_cli.runs.writer import default_out_dir
+    """``runs/<image stem>-<time>``: a new folder per run when --out is not given."""
+    import time
 
-    return default_out_dir(name or Path("run"))
+    stem = Path(name).stem if name is not None else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,114 @@
+"""`pie evaluate RUN_DIR` as a service: measure a run's frames and write metrics.json, metrics.csv, report.png.
+
+Per frame: mean change inside the mask, PSNR/SSIM outside it against frame 0, step-to-step
+change, and optionally a classifier's confidence in the target finding and CLIP-I against
+frame 0. The three files are written together (all or none).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pie_cli.errors import UserError
+from pie_cli.evaluation.metrics import FrameMetrics
+from pie_cli.runs.manifest import METRICS_CSV, METRICS_JSON, REPORT
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate_run`` measured and where it wrote it."""
+
+    data: dict[str, Any]  # what metrics.json holds
+    metrics: list[FrameMetrics]
+    label: str | None  # the classifier label followed
+    written: tuple[Path, ...]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.data["summary"]
+
+
+def evaluate_run(
+    run_dir: Path,
+    classifier: str | None = None,
+    clip: Path | None = None,
+    target_label: str | None = None,
+) -> Evaluation:
+    """Measure the frames of ``run_dir`` and write the metrics and the report beside them."""
+    from pie_cli.evaluation.metrics import frame_metrics, rows, summarise
+    from pie_cli.evaluation.report import render
+    from pie_cli.imaging.files import png_writer, write_together
+    from pie_cli.runs import frames as run_frames
+    from pie_cli.runs.manifest import prompt_of
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR {run_dir} is not a directory.")
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"RUN_DIR {run_dir} is not writable; evaluate writes its metrics and report there.")
+    sources, mask_path = run_frames.collect([run_dir])
+    frames = run_frames.load(sources)
+    mask = None
+    if mask_path is not None:
+        mask = run_frames.load_mask(mask_path, frames) >= 128
+        if not mask.any():
+            raise UserError(
+                f"mask {mask_path} is empty (no pixel of 128 or more); there is no inside to measure change in."
+            )
+    prompt = prompt_of(run_dir, "RUN_DIR")
+    if clip is not None and not Path(clip).is_dir():
+        raise UserError(f"--clip {clip} is not a folder.")
+    if target_label is not None and classifier is None:
+        raise UserError("--target-label needs --classifier.")
+
+    metrics = frame_metrics(frames, mask)
+    label = None
+    if classifier is not None:
+        from pie_cli.evaluation.scorers import load_classifier
+        from pie_cli.evaluation.scorers import target_label as pick_label
+
+        scorer = load_classifier(classifier)
+        label = pick_label(scorer.labels, prompt, target_label)
+        probs = scorer.predict(frames)[:, scorer.labels.index(label)]
+        for m, p in zip(metrics, probs, strict=True):
+            m.confidence = round(float(p), 6)
+    if clip is not None:
+        from pie_cli.evaluation.scorers import ClipImages
+
+        emb = ClipImages(Path(clip)).embed(frames)
+        for m, e in zip(metrics, emb, strict=True):
+            m.clip_i = round(float(e @ emb[0]), 6)
+
+    table = rows(metrics)
+    data = {
+        "run": str(run_dir),
+        "prompt": prompt,
+        "mask": bool(mask is not None),
+        "classifier": classifier,
+        "target_label": label,
+        "clip": str(clip) if clip else None,
+        "summary": summarise(metrics),
+        "frames": table,
+    }
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    report = render(frames, metrics, f"{run_dir.name}: {prompt or ''}", label)
+    text, spreadsheet = json.dumps(data, indent=2) + "\n", buffer.getvalue()
+    written = (run_dir / METRICS_JSON, run_dir / METRICS_CSV, run_dir / REPORT)
+    # All three or none: a full disk must not leave new metrics beside an old report.
+    write_together(
+        [
+            (written[0], lambda tmp: tmp.write_text(text, encoding="utf-8")),
+            (written[1], lambda tmp: tmp.write_text(spreadsheet, encoding="utf-8")),
+            (written[2], png_writer(report)),
+        ]
+    )
+    return Evaluation(data, metrics, label, written)

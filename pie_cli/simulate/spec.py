@@ -1,0 +1,193 @@
+"""What one `pie simulate` case asks for, checked cheaply, and how it is recorded and read back.
+
+:class:`SimulateSpec` is frozen and holds the options as given. Its PIE parameters are one
+:class:`~pie_cli.core.parameters.PieConfig` (``spec.params``), so a parameter is defined once:
+its default, its manifest record (:data:`RECORDED`) and its cohort column (:data:`COLUMNS`)
+all come from ``PieConfig``'s fields. :func:`build_config` is the one validated way from a
+spec to the parameters of a run, for a fresh run, a cohort case and a resumed run alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pie_cli.core.parameters import (
+    DEFAULTS,
+    MAX_SEED,
+    MAX_TRAJECTORIES,
+    SCHEDULES,
+    TUNABLE,
+    PieConfig,
+)
+from pie_cli.errors import UserError
+
+EXAMPLE_PROMPT = "large left pleural effusion"
+
+
+@dataclass(frozen=True)
+class SimulateSpec:
+    """One case of `pie simulate` as the user gave it (paths not yet read)."""
+
+    image: Path | None
+    prompt: str | None
+    mask: Path | None
+    model: str
+    out: Path
+    # The PIE parameters (steps, strength, guidance, blend weights, T, resolution, negative prompt).
+    # Their prompt and per-step schedules stay empty here: build_config fills them in.
+    params: PieConfig = field(default=DEFAULTS)
+    scheduler: str = "model"
+    seed: int = 42
+    device: str = "auto"
+    dtype: str = "auto"
+    unet: Path | None = None
+    lora: tuple[str, ...] = ()
+    gif: bool = True
+    overwrite: bool = False
+    trajectories: int = 1
+    prompt_schedule: Path | None = None  # a file of prompts
+    strength_schedule: str | None = None  # "0.3,0.4" or "0.3:0.6"
+    guidance_schedule: str | None = None
+    compile: bool = False
+    watermark: bool = False
+    allow_pickle: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.params.steps
+
+    @property
+    def resolution(self) -> int:
+        return self.params.resolution
+
+    def with_values(self, **values: Any) -> SimulateSpec:
+        """This spec with some options replaced, PIE parameters (``strength=...``) included."""
+        pie = {k: values.pop(k) for k in list(values) if k in TUNABLE}
+        return replace(self, params=replace(self.params, **pie), **values)
+
+    def parameters(self) -> dict[str, Any]:
+        """The values recorded in the manifest's ``parameters`` (what a resume reads back)."""
+        out = {}
+        for name in RECORDED:
+            value = getattr(self.params, name) if name in TUNABLE else getattr(self, name)
+            out[name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+# What a manifest records under "parameters": the prompt, every PIE parameter, and the run options
+# that shape the frames. The schedules' parsed values are recorded beside them as "prompts",
+# "strengths" and "guidance_scales".
+RUN_PARAMETERS = ("scheduler", "seed", "gif", "trajectories", *SCHEDULES, "compile", "watermark")
+RECORDED = ("prompt", *TUNABLE, *RUN_PARAMETERS)
+SCHEDULE_RECORDS = {
+    "prompt_schedule": "prompts",
+    "strength_schedule": "strengths",
+    "guidance_schedule": "guidance_scales",
+}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _hint(name: str) -> Any:
+    return _hints(PieConfig if name in TUNABLE else SimulateSpec)[name]
+
+
+def value_type(name: str) -> type:
+    """The type of option ``name`` (a PIE parameter or a spec field), ``X | None`` read as ``X``."""
+    hint = _hint(name)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args and typing.get_origin(hint) is not tuple else hint
+
+
+# The columns a cohort CSV may have: where the case is and what it writes, the prompt and seed,
+# and every per-case option (the PIE parameters, scheduler, trajectories, schedules).
+COLUMNS: dict[str, type] = {
+    "image": Path,
+    "mask": Path,
+    "prompt": str,
+    "seed": int,
+    "out": str,
+    **{name: value_type(name) for name in TUNABLE},
+    "scheduler": str,
+    "trajectories": int,
+    **{name: value_type(name) for name in SCHEDULES},
+}
+
+
+def recorded_value(name: str, value: Any, where: str) -> Any:
+    """A value read back from a manifest, as option ``name``'s type, or a ``UserError`` naming ``where``."""
+    if value is None and type(None) in typing.get_args(_hint(name)):
+        return None
+    kind = value_type(name)
+    ok = (
+        (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (kind in (str, Path) and isinstance(value, str))
+    )
+    if not ok:
+        raise UserError(f"{where} records {name} = {value!r}, which is not a {kind.__name__}.")
+    return kind(value)
+
+
+def build_config(
+    spec: SimulateSpec,
+    schedules: tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]] | None = None,
+) -> PieConfig:
+    """The checked PIE parameters of ``spec``; a ``UserError`` naming the first bad option.
+
+    The per-step schedules are read from the spec's options, or given as already parsed
+    ``(prompts, strengths, guidance scales)`` (a resumed run's recorded values).
+    """
+    from pie_cli.core.schedules import parse_numbers, read_prompts
+
+    steps = spec.params.steps
+    if schedules is not None:
+        prompts, strengths, guidances = schedules
+    else:
+        prompts = ()
+        if steps >= 1 and spec.prompt_schedule is not None:
+            prompts = read_prompts(spec.prompt_schedule, steps, spec.prompt)
+        strengths = (
+            parse_numbers(spec.strength_schedule, steps, "--strength-schedule")
+            if spec.strength_schedule
+            else ()
+        )
+        guidances = (
+            parse_numbers(spec.guidance_schedule, steps, "--guidance-schedule")
+            if spec.guidance_schedule
+            else ()
+        )
+    if not prompts and not (spec.prompt or "").strip():
+        raise UserError(f"--prompt is empty; describe the finding to simulate, e.g. {EXAMPLE_PROMPT!r}.")
+    config = replace(
+        spec.params,
+        prompt=spec.prompt or (prompts[0] if prompts else ""),
+        prompt_schedule=tuple(prompts),
+        strength_schedule=tuple(strengths),
+        guidance_schedule=tuple(guidances),
+    )
+    for name, problem in config.problems():
+        raise UserError(f"--{name.replace('_', '-')} {problem}.")
+    if not 0 <= spec.seed < MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2^63), got {spec.seed}.")
+    if not 1 <= spec.trajectories <= MAX_TRAJECTORIES:
+        raise UserError(f"--trajectories must be in 1..{MAX_TRAJECTORIES}, got {spec.trajectories}.")
+    return config
+
+
+def recorded_parameters(config: PieConfig, spec: SimulateSpec) -> dict[str, Any]:
+    """The manifest's ``parameters``: the spec's options and the schedules' parsed values."""
+    parameters = spec.parameters()
+    for option, key in SCHEDULE_RECORDS.items():
+        values = getattr(config, option)
+        if values:
+            parameters[key] = list(values)
+    return parameters

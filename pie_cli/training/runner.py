@@ -1,0 +1,299 @@
+"""`pie finetune` as a service: configuration -> checked plan -> training run -> result.
+
+:func:`plan` does everything cheap first (the configuration with its precedence, ``--out``,
+the model's files, the dataset, the validation inputs) and touches no file; :func:`train`
+then writes the run folder (``training_config.yaml``, ``training_summary.json``, checkpoints,
+``metrics.csv``, the weights) and returns a :class:`~pie_cli.training.loop.TrainResult`.
+Neither prints: notes and progress go to the :class:`~pie_cli.reporting.Reporter`.
+
+``training_summary.json`` records, like a simulate manifest, no command line and no input
+paths (folder names often carry patient IDs): the data's format and size, the model, the
+effective values' sources, and paths inside the run folder only.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pie_cli.core.registry import ModelSource
+from pie_cli.errors import Interrupted, UserError
+from pie_cli.reporting import SILENT, Reporter
+from pie_cli.training.checkpoints import (
+    COMPLETE,
+    CONFIG_FILE,
+    SUMMARY,
+    TRAINING_FILES,
+    checkpoint_step,
+    incomplete_checkpoints,
+    is_complete,
+    latest_checkpoint,
+    remove_leftovers,
+)
+from pie_cli.training.config import TrainSpec, merge, read_yaml, write_yaml
+from pie_cli.training.data import Record, TrainingData
+
+# Training values worth a warning when they silently fell back to a built-in default.
+_NAMED_DEFAULTS = ("method", "batch_size", "resolution", "lr_scheduler")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A checked training run, before anything is written."""
+
+    spec: TrainSpec
+    source: ModelSource
+    data: TrainingData
+    prior: list[Record] | None
+    out: Path
+    checkpoint: Path | None  # the complete checkpoint to resume from
+    overwrite: bool
+
+
+def resolve_resume(resume: str, out: Path | None, reporter: Reporter = SILENT) -> tuple[Path, Path]:
+    """(checkpoint folder, run directory) for --resume latest|PATH: always a complete checkpoint."""
+    if resume == "latest":
+        if out is None:
+            raise UserError("--resume latest needs --out (the run directory to continue).")
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise UserError(
+                f"--resume latest: {out} has no complete checkpoint (checkpoints/step_*) to continue from."
+            )
+        last = checkpoint_step(checkpoint) or 0
+        for broken in (p for p in incomplete_checkpoints(out) if (checkpoint_step(p) or 0) > last):
+            reporter.note(f"skipping {broken}: an incomplete checkpoint (the run stopped while saving it).")
+        return checkpoint, out
+    checkpoint = Path(resume)
+    if not checkpoint.is_dir():
+        raise UserError(f"--resume {resume} is not a checkpoint folder.")
+    if not is_complete(checkpoint):
+        raise UserError(
+            f"--resume {resume} is not a complete checkpoint (no {COMPLETE}: the run stopped while "
+            "saving it); use --resume latest or an earlier checkpoint."
+        )
+    return checkpoint, out or checkpoint.parent.parent
+
+
+def plan(
+    flags: dict[str, Any],
+    explicit: dict[str, str],
+    config: Path | None = None,
+    resume: str | None = None,
+    *,
+    check_out: bool = True,
+    overwrite: bool = False,
+    reporter: Reporter = SILENT,
+) -> TrainPlan:
+    """Check a training run cheaply: ``flags`` are option values, ``explicit`` the given ones and how.
+
+    Precedence: options given (command line or ``PIE_*`` environment) > ``--config`` > the saved
+    run's configuration (when resuming) > defaults. ``check_out=False`` skips the ``--out``
+    checks (a dry run writes nothing).
+    """
+    from pie_cli.core.loading import check_weights
+    from pie_cli.core.registry import resolve
+    from pie_cli.imaging.files import check_out_dir
+    from pie_cli.training.data import class_records, load_data
+
+    # 1. Configuration, checked before anything else.
+    recipe = read_yaml(config) if config is not None else {}
+    out_hint = flags["out"] if "out" in explicit else recipe.get("out")
+    checkpoint = None
+    saved: dict[str, Any] = {}
+    if resume:
+        checkpoint, run_dir = resolve_resume(resume, Path(out_hint) if out_hint else None, reporter)
+        if (run_dir / CONFIG_FILE).is_file():
+            saved = read_yaml(run_dir / CONFIG_FILE, "saved config")
+        flags = {**flags, "out": str(run_dir)}
+        explicit = {**explicit, "out": explicit.get("out", "command line")}
+    spec = merge(flags, explicit, recipe, saved)
+    spec.check()
+    out = Path(spec.out)
+    if spec.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
+
+    # 2. Inputs, cheaply: output directory, model, data, images.
+    if not resume and check_out:
+        check_out_dir(
+            out,
+            overwrite,
+            not_empty="continue it with --resume latest, start over with --overwrite, or choose another directory",
+        )
+    source = resolve(spec.model)
+    if source.loras:
+        raise UserError(f"--model {spec.model} carries LoRA adapters; fine-tune from its base model instead.")
+    check_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is written
+    data = load_data(spec)
+    prior = class_records(spec) if spec.class_data else None
+    if spec.validation_image:
+        from pie_cli.imaging.masks import prepare_mask, require_nonempty
+        from pie_cli.imaging.media import open_image
+
+        image = open_image(Path(spec.validation_image), "--validation-image")
+        raw = open_image(Path(spec.validation_mask or ""), "--validation-mask")
+        mask = prepare_mask(raw, image.size, spec.resolution, f"--validation-mask {spec.validation_mask}")
+        require_nonempty(mask, raw, spec.resolution, f"--validation-mask {spec.validation_mask}")
+    return TrainPlan(spec, source, data, prior, out, checkpoint, overwrite)
+
+
+def defaulted_values(spec: TrainSpec) -> list[str]:
+    """``name=value`` for the training values that fell back to built-in defaults."""
+    found = [f"{n}={getattr(spec, n)}" for n in _NAMED_DEFAULTS if spec.sources.get(n) == "default"]
+    if spec.sources.get("lr") == "default":
+        found.append(f"lr={spec.learning_rate:g}")
+    if spec.max_steps is None and spec.epochs is None:
+        found.append("max_steps=1000")
+    return found
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run (under torchrun / accelerate launch only rank 0 does)."""
+    from pie_cli.core.distributed import process_state
+
+    return process_state().is_main_process
+
+
+def train(plan: TrainPlan, reporter: Reporter = SILENT):
+    """Run ``plan``: check its images, write the run folder, train, save; returns a ``TrainResult``."""
+    from pie_cli.core.loading import quiet_libraries
+    from pie_cli.training.data import check_images
+    from pie_cli.training.loop import Trainer
+
+    spec, out = plan.spec, plan.out
+    with reporter.status(f"checking {len(plan.data.records)} images"):
+        check_images(plan.data)
+        if plan.prior:
+            check_images(TrainingData(plan.prior, "folder", spec.class_data or ""))
+    main = is_main_process()
+    summary = _Summary(out, main, plan)
+    _prepare_folder(plan, main, summary)
+    defaulted = defaulted_values(spec)
+    if defaulted:
+        reporter.warn("using defaults for " + ", ".join(defaulted) + " (set them with flags or --config).")
+    trainer = Trainer(spec, plan.source, plan.data, plan.prior, out, reporter)
+    try:
+        with (
+            trainer.signals,
+            quiet_libraries(reporter.verbose),
+        ):  # SIGINT/SIGTERM: stop at a step, checkpointed
+            with reporter.status(f"loading {spec.model}"):
+                trainer.setup()
+            trained = trainer.run(plan.checkpoint)
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc, trainer, out, main, summary) from None
+    except Exception as exc:
+        summary.save(
+            status="failed",
+            error=f"{type(exc).__name__}: {exc}",
+            step=trainer.state.step if hasattr(trainer, "state") else 0,
+        )
+        raise
+    summary.save(
+        status="complete",
+        step=trained.steps,
+        seconds=round(trained.seconds, 3),
+        last_loss=trained.last_loss,
+        weights=summary.inside(trained.weights),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    return trained
+
+
+class _Summary:
+    """``training_summary.json``, rewritten (atomically) as the run goes."""
+
+    def __init__(self, out: Path, main: bool, plan: TrainPlan) -> None:
+        from pie_cli import __version__
+
+        self.out, self.main = out, main
+        self.data = {
+            "pie_version": __version__,
+            "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": plan.source.describe(),
+            "data": {"format": plan.data.format, "examples": len(plan.data.records)},
+            "resumed_from": self.inside(plan.checkpoint) if plan.checkpoint else None,
+            "sources": plan.spec.sources,
+        }
+
+    def inside(self, path: Path | None) -> str | None:
+        """A path of the run as relative to its folder (the summary names no path outside it)."""
+        if path is None:
+            return None
+        try:
+            return str(Path(path).resolve().relative_to(self.out.resolve()))
+        except ValueError:
+            return Path(path).name
+
+    def save(self, **extra: Any) -> None:
+        if self.main:
+            from pie_cli.imaging.files import write_text
+
+            self.data.update(extra)
+            write_text(self.out / SUMMARY, json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+def _prepare_folder(plan: TrainPlan, main: bool, summary: _Summary) -> None:
+    """The run folder with its configuration and summary (a fresh --overwrite removes pie's old files)."""
+    out = plan.out
+    if not main:
+        return
+    created = not out.exists()
+    if plan.overwrite and plan.checkpoint is None and out.is_dir():
+        for name in TRAINING_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)  # temporary files and half-saved checkpoints of a killed run
+    try:
+        write_yaml(plan.spec, out / CONFIG_FILE)
+        summary.save()
+    except OSError:  # a full disk before anything useful exists: leave nothing behind
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _interrupted(
+    exc: KeyboardInterrupt, trainer: Any, out: Path, main: bool, summary: _Summary
+) -> Interrupted:
+    """Record an interrupt and say where training stopped and how to continue it."""
+    from pie_cli.signals import TrainingInterrupted
+
+    step = trainer.state.step if hasattr(trainer, "state") else 0
+    total = getattr(trainer, "total_steps", None)
+    signum = trainer.signals.received
+    by = signal.Signals(signum).name if signum else None
+    at = f"step {step}" + (f" of {total}" if total else "")
+    how = f" by {by}" if by else ""
+    checkpoint = latest_checkpoint(out)
+    summary.save(status="interrupted", step=step, signal=by, checkpoint=summary.inside(checkpoint))
+    if not main:
+        return Interrupted("interrupted.")
+    if isinstance(exc, TrainingInterrupted):
+        note = f"finetune: stopped{how} at {at}; saved checkpoint {exc.checkpoint}."
+    elif checkpoint is not None:
+        note = (
+            f"finetune: interrupted{how} at {at}; the last complete checkpoint is {checkpoint} "
+            "(the steps after it will be trained again)."
+        )
+    else:
+        note = f"finetune: interrupted{how} at {at}, before the first checkpoint."
+    if checkpoint is not None:
+        note += f" Continue with: pie finetune --out {shlex.quote(str(out))} --resume latest"
+    else:
+        note += " Start over with --overwrite."
+    return Interrupted(note)
