@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pie_cli.imaging.media import square_geometry, to_rgb8
+from pie_cli.imaging.media import IMAGE_RESAMPLE, square_geometry, to_rgb8
 from pie_cli.training.data import Record, TrainingData
 
 
@@ -21,7 +21,7 @@ def crop_and_flip(
     """Short side resized to ``resolution``, then a centre or random square crop, then maybe a mirror."""
     (rw, rh), (left, top, _, _) = square_geometry(img.size, resolution)
     if img.size != (rw, rh):
-        img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+        img = img.resize((rw, rh), IMAGE_RESAMPLE)  # the filter inference uses too
     if not center:
         left = int(rng.integers(0, rw - resolution + 1))
         top = int(rng.integers(0, rh - resolution + 1))
