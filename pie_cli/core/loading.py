@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pie_cli.core.devices import Placement
+from pie_cli.core.model_files import LORA_FILE, lora_weight_file, weight_files
 from pie_cli.core.parameters import SCHEDULER_CHOICES
 from pie_cli.core.progression import Components
-from pie_cli.core.registry import LORA_FILE, ModelSource, lora_weight_file, weight_files
+from pie_cli.core.registry import ModelSource
 from pie_cli.errors import UserError
 
 _SCHEDULER_CLASSES = {
@@ -35,10 +36,6 @@ _SCHEDULER_CLASSES = {
 WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
 
 _CACHE: dict[tuple, Components] = {}
-
-
-def clear_cache() -> None:
-    _CACHE.clear()
 
 
 def forget(prefix: Path | str) -> None:

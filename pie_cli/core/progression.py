@@ -6,9 +6,13 @@ terminal, no global RNG: every random draw is a ``torch.randn``-family call with
 one ``torch.Generator`` passed in, so a run is reproducible and can be made noise-free
 by patching ``torch.randn``.
 
-The semantics follow DESIGN.md section 2 exactly (they are compared, noise-free, with an
-independent implementation):
+The semantics are the original method's, exactly; this docstring is their specification
+(the tests compare the frames, noise-free, with an independent implementation of it, and with
+diffusers' own img2img for the maskless case):
 
+    inputs:   x0 = the image, 8-bit RGB, short side resized to R and centre-cropped to R x R;
+              mask (8-bit grey, white = edit, grey = partial) in the same geometry; prompt p;
+              N steps, strength g, guidance w, blend weights b1 (outside) and b2 (inside), T
     prepare:  x0 -> z_init = sf * sample(VAE.encode(x0)); text embeddings of [negative, prompt];
               M = bilinear (no antialias) mask at latent size, in [0, 1];
               ts = scheduler.timesteps[T - k:] with k = min(int(T * strength), T)
@@ -19,6 +23,11 @@ independent implementation):
                   eps = eps_u + w * (eps_c - eps_u);  z_t = scheduler.step(eps, t, z_t)
               z_out = z_init + (z_t - z_init) * (b1 * (1 - M) + b2 * M)   (z_t without a mask)
               x_n = 8-bit RGB of clamp(VAE.decode(z_out / sf) / 2 + 0.5, 0, 1)
+              (the next step starts from this rounded 8-bit frame: part of the method)
+
+With every random draw replaced by zeros the algorithm is deterministic. With PNDM, whose
+timestep list holds one repeated entry, ``ts`` has k + 1 entries; with DDIM, k. A run costs
+N * len(ts) UNet calls (batch 2 with guidance), one text encoding, N VAE encodes and N decodes.
 """
 
 from __future__ import annotations
@@ -297,9 +306,11 @@ def _progression_step(
     return decode_latents(components, z_out, step=n)
 
 
-def _configure(
+def _normalise_call(
     components: Any, config: PieConfig | None, params: dict[str, Any]
 ) -> tuple[Components, PieConfig]:
+    """(Components, checked PieConfig) from what a caller passed: a pipeline or Components, and a
+    PieConfig or keyword parameters."""
     if not isinstance(components, Components):
         components = Components.from_pipeline(components)
     if config is None:
@@ -335,7 +346,7 @@ def progress_batch(
     with the saved frames; on CPU the frames equal an uninterrupted run's bit for bit.
     Nothing is yielded for the steps already done.
     """
-    components, config = _configure(components, config, params)
+    components, config = _normalise_call(components, config, params)
     if generators is None:
         generators = [torch.Generator("cpu").manual_seed(s) for s in (seeds or [42])]
     start = time.perf_counter()

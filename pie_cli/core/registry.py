@@ -11,7 +11,7 @@ A reference is, in this order of precedence:
    HF cache only. Nothing here touches the network; ``pie models pull`` downloads.
 
 This module only reads small JSON files and directory listings (no torch), so
-``pie models list`` is instant. Loading weights is ``pie_cli.core.loading``'s job.
+``pie models list`` is instant; what a folder of model files looks like is ``model_files.py``'s. Loading weights is ``pie_cli.core.loading``'s job.
 
 A resolved reference is a :class:`ModelSource`; ``--unet`` and ``--lora`` are merged into it
 once, with :meth:`ModelSource.with_overrides`, and everything downstream (loading, the
@@ -30,6 +30,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pie_cli.core.model_files import (
+    LORA_FILE,
+    check_model_dir,
+    lora_weight_file,
+)
 from pie_cli.errors import UserError
 from pie_cli.imaging.files import write_text
 from pie_cli.paths import hf_hub_cache, pie_home
@@ -47,12 +52,8 @@ BUILTIN_NOTES: dict[str, str] = {
     "sd-v1-5": "Stable Diffusion 1.5",
     "mimic-cxr": "SD fine-tuned on MIMIC-CXR report-image pairs (PIE paper)",
 }
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 ALIAS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# The diffusers LoRA format's weights file: what `pie finetune` writes and `load_lora_weights` reads.
-LORA_FILE = "pytorch_lora_weights.safetensors"
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def _number(value: float) -> str:
@@ -177,74 +178,6 @@ def save_user_models(models: dict[str, UserModel]) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-# --------------------------------------------------------------------------- layout checks
-
-
-def is_model_dir(path: Path) -> bool:
-    return path.is_dir() and (
-        (path / "model_index.json").is_file()
-        or all((path / c).is_dir() for c in ("unet", "vae", "text_encoder"))
-    )
-
-
-def missing_components(path: Path) -> list[str]:
-    return [c for c in COMPONENTS if not (path / c).is_dir()]
-
-
-def check_model_dir(path: Path, reference: str) -> None:
-    """Raise a ``UserError`` unless ``path`` holds a complete SD 1.x model in diffusers layout."""
-    if lora_weight_file(path) is not None:
-        raise UserError(
-            f"model {reference} is a LoRA adapter, not a model; pass it with --lora "
-            "or register it with `pie models add NAME PATH --base MODEL`."
-        )
-    if unet_config_dir(path) == path:
-        raise UserError(f"model {reference} is a UNet alone; pass it with --unet on top of a full --model.")
-    missing = missing_components(path)
-    if missing:
-        raise UserError(
-            f"model {reference} ({path}) is not a Stable Diffusion model in diffusers layout: "
-            f"missing {', '.join(m + '/' for m in missing)}."
-        )
-
-
-def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(safetensors files, pickle files) directly inside ``folder``."""
-    if not folder.is_dir():
-        return [], []
-    files = [p for p in folder.iterdir() if p.is_file()]
-    return (
-        [p for p in files if p.suffix == ".safetensors"],
-        [p for p in files if p.suffix in PICKLE_SUFFIXES],
-    )
-
-
-def lora_weight_file(path: Path) -> Path | None:
-    """The LoRA weights file of ``path`` (a file, or a directory holding one), else None."""
-    if path.is_file() and path.suffix == ".safetensors":
-        return path
-    if path.is_dir() and not (path / "model_index.json").exists() and not (path / "config.json").exists():
-        if (path / LORA_FILE).is_file():
-            return path / LORA_FILE
-        candidates = sorted(path.glob("*lora*.safetensors"))
-        if len(candidates) == 1:
-            return candidates[0]
-    return None
-
-
-def unet_config_dir(path: Path) -> Path | None:
-    """The folder holding a UNet's config.json: ``path/unet`` or ``path`` itself."""
-    for folder in (path / "unet", path):
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            try:
-                if json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == "UNet2DConditionModel":
-                    return folder
-            except json.JSONDecodeError:
-                return None
-    return None
-
-
 # --------------------------------------------------------------------------- resolution
 
 
@@ -341,22 +274,6 @@ def _resolve_user(name: str, entry: UserModel, seen: tuple[str, ...]) -> ModelSo
     return replace(base, reference=name, alias=name, unet=target)
 
 
-def classify_target(target: str) -> str:
-    """What a ``pie models add`` target is: model, lora or unet."""
-    path = Path(target).expanduser()
-    if path.exists():
-        if lora_weight_file(path) is not None:
-            return "lora"
-        if is_model_dir(path):
-            return "model"
-        if unet_config_dir(path) is not None:
-            return "unet"
-        raise UserError(
-            f"{target} is neither a model in diffusers layout, a UNet folder nor a LoRA adapter ({LORA_FILE})."
-        )
-    return "model"
-
-
 # --------------------------------------------------------------------------- options
 
 
@@ -381,76 +298,6 @@ def parse_lora(spec: str) -> Adapter:
             f"--lora {spec}: {path} holds no LoRA weights (expected {LORA_FILE} or a .safetensors file)."
         )
     return Adapter(path.resolve(), weight, file.resolve())
-
-
-def resolve_unet_path(spec: Path) -> Path:
-    """``--unet PATH``: a fine-tuned UNet in diffusers layout, its ``unet/`` subfolder or itself."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"--unet {spec} does not exist.")
-    folder = unet_config_dir(path)
-    if folder is None:
-        raise UserError(
-            f"--unet {spec} is not a UNet in diffusers layout "
-            "(expected config.json of a UNet2DConditionModel there or in its unet/ subfolder)."
-        )
-    return folder.resolve()
-
-
-def model_summary(path: Path) -> dict:
-    """A light description of a model directory, read from its JSON configs."""
-    info: dict = {"components": {}}
-    index = path / "model_index.json"
-    if index.is_file():
-        data = json.loads(index.read_text(encoding="utf-8"))
-        info["pipeline"] = data.get("_class_name")
-    for comp in COMPONENTS:
-        folder = path / comp
-        entry: dict = {"present": folder.is_dir()}
-        cfg_name = "scheduler_config.json" if comp == "scheduler" else "config.json"
-        cfg_file = folder / cfg_name
-        if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            entry["class"] = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
-        safe, pickle = weight_files(folder)
-        if safe or pickle:
-            entry["weights"] = "safetensors" if safe else "pickle only"
-            entry["bytes"] = sum(p.stat().st_size for p in (safe or pickle))
-        info["components"][comp] = entry
-    vae_cfg = path / "vae" / "config.json"
-    if vae_cfg.is_file():
-        vae = json.loads(vae_cfg.read_text(encoding="utf-8"))
-        info["vae_scale_factor"] = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-        info["vae_force_upcast"] = bool(vae.get("force_upcast", True))
-    unet_cfg = path / "unet" / "config.json"
-    if unet_cfg.is_file():
-        unet = json.loads(unet_cfg.read_text(encoding="utf-8"))
-        info["cross_attention_dim"] = unet.get("cross_attention_dim")
-        info["sample_size"] = unet.get("sample_size")
-    return info
-
-
-def vae_force_upcast(path: Path) -> bool:
-    cfg = path / "vae" / "config.json"
-    try:
-        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("force_upcast", True))
-    except (OSError, json.JSONDecodeError):
-        return True
-
-
-def trained_on(path: Path) -> str | None:
-    """The base model a `pie finetune` output was trained from (its ``training_config.yaml``), if any."""
-    cfg = path / "training_config.yaml" if path.is_dir() else path.parent / "training_config.yaml"
-    if not cfg.is_file():
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) and model else None
 
 
 # --------------------------------------------------------------------------- status

@@ -49,8 +49,9 @@ def _run(tmp: Path, device: str, reporter: Reporter) -> dict[str, Any]:
 
     from pie_cli.core.devices import choose_placement, dtype_name
     from pie_cli.core.loading import load
+    from pie_cli.core.model_files import vae_force_upcast
     from pie_cli.core.progression import progress
-    from pie_cli.core.registry import resolve, vae_force_upcast
+    from pie_cli.core.registry import resolve
     from pie_cli.demo.phantom import chest_phantom
     from pie_cli.demo.tiny import build_tiny_model
     from pie_cli.imaging.morphology import dilate

@@ -45,8 +45,9 @@ def resume_run(out: Path, base: SimulateSpec, reporter: Reporter = SILENT) -> Si
 
 def plan_resume(out: Path, base: SimulateSpec) -> tuple[SimulateSpec, Inputs, Resume] | None:
     """What continuing the run in ``out`` needs (checked, nothing loaded); None when it is complete."""
+    from pie_cli.core.model_files import resolve_unet_path
     from pie_cli.core.progression import ResumePoint
-    from pie_cli.core.registry import parse_lora, resolve, resolve_unet_path
+    from pie_cli.core.registry import parse_lora, resolve
     from pie_cli.imaging.masks import prepare_mask
     from pie_cli.imaging.media import open_image
     from pie_cli.runs import manifest as runs_manifest

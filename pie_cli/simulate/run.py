@@ -58,7 +58,8 @@ class SimulateResult:
 
 def prepare_inputs(spec: SimulateSpec) -> Inputs:
     """Check everything cheaply and read the image and mask; nothing is loaded or created."""
-    from pie_cli.core.registry import parse_lora, resolve, resolve_unet_path
+    from pie_cli.core.model_files import resolve_unet_path
+    from pie_cli.core.registry import parse_lora, resolve
     from pie_cli.imaging.files import check_out_dir
     from pie_cli.imaging.masks import prepare_mask, require_image_size, require_nonempty
     from pie_cli.imaging.media import open_image
@@ -86,7 +87,7 @@ def load_model(spec: SimulateSpec, inputs: Inputs, reporter: Reporter) -> tuple[
     """(components, placement): the model on its device, tuned for speed on CUDA or with --compile."""
     from pie_cli.core.devices import choose_placement, tune_for_speed
     from pie_cli.core.loading import load
-    from pie_cli.core.registry import vae_force_upcast
+    from pie_cli.core.model_files import vae_force_upcast
 
     placement = choose_placement(spec.device, spec.dtype, vae_force_upcast(inputs.source.path))
     for note in placement.notes:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pie_cli.core.registry import LORA_FILE
+from pie_cli.core.model_files import LORA_FILE
 from pie_cli.imaging.files import fsync, fsync_tree
 
 CHECKPOINTS = "checkpoints"

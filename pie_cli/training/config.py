@@ -19,7 +19,8 @@ from typing import Any
 from pie_cli.core.parameters import MAX_TRAINING_SEED, resolution_problem
 from pie_cli.errors import UserError
 
-DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "hf", "chexpert", "ham10000", "eyepacs")
+# "auto" and the names of training.formats.FORMATS, in its order (checked when that module loads).
+DATA_FORMATS = ("auto", "folder", "ham10000", "eyepacs", "chexpert", "hf", "jsonl", "csv")
 METHODS = ("lora", "full")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
 PRECISIONS = ("no", "fp16", "bf16")

@@ -7,6 +7,9 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import signal
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
@@ -130,3 +133,61 @@ class PairedBatches(torch.utils.data.Dataset):
         if "pixel_values" in other:
             item["prior_pixel_values"] = other["pixel_values"]
         return item
+
+
+@dataclass
+class TrainingBatches:
+    """The datasets of a run and the loader that batches them (seeded per epoch)."""
+
+    instance: PairDataset
+    prior: PairDataset | None  # class images for prior preservation
+    dataset: torch.utils.data.Dataset  # ``instance``, or instance and prior examples paired
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader
+
+
+def training_batches(spec, data: TrainingData, prior: list[Record] | None, tokenizer) -> TrainingBatches:
+    """Datasets, sampler and loader of a run: images only decoded per step without ``--cache-latents``."""
+    common = (spec.resolution, spec.center_crop, spec.random_flip)
+    instance = PairDataset(data, data.records, tokenizer, *common, spec.seed)
+    instance.with_pixels = not spec.cache_latents
+    dataset: torch.utils.data.Dataset = instance
+    prior_set = None
+    if prior:
+        prior_set = PairDataset(data, prior, tokenizer, *common, spec.seed + 1)
+        prior_set.with_pixels = not spec.cache_latents
+        dataset = PairedBatches(instance, prior_set)
+    sampler = EpochSampler(len(dataset), spec.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=spec.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=spec.num_workers,
+        worker_init_fn=_ignore_interrupts if spec.num_workers else None,
+        drop_last=False,
+    )
+    return TrainingBatches(instance, prior_set, dataset, sampler, loader)
+
+
+def isolated(batches):
+    """Yield batches fetched without touching the global CPU RNG.
+
+    Starting an epoch's iterator draws a seed from the global RNG (torch's DataLoader),
+    and a resumed run starts one where the uninterrupted run did not: isolating the
+    fetches keeps dropout and everything else on the checkpointed random stream.
+    """
+    iterator = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+        yield batch
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Data workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker that
+    quit on it would fail the main process's next fetch before its step is checkpointed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -33,7 +33,7 @@ from pie_cli.signals import StopSignals, TrainingInterrupted
 from pie_cli.training.checkpoints import METRICS, latest_checkpoint, save_checkpoint
 from pie_cli.training.config import TEXT_LORA_TARGETS, TrainSpec
 from pie_cli.training.data import Record, TrainingData
-from pie_cli.training.dataset import EpochSampler, PairDataset, PairedBatches, collate
+from pie_cli.training.dataset import isolated, training_batches
 from pie_cli.training.lora import add_lora, load_checkpoint_lora, save_checkpoint_lora
 
 DEFAULT_MAX_STEPS = 1000
@@ -60,29 +60,6 @@ class LoopState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
-
-
-def _isolated(batches):
-    """Yield batches fetched without touching the global CPU RNG.
-
-    Starting an epoch's iterator draws a seed from the global RNG (torch's DataLoader),
-    and a resumed run starts one where the uninterrupted run did not: isolating the
-    fetches keeps dropout and everything else on the checkpointed random stream.
-    """
-    iterator = iter(batches)
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-        yield batch
-
-
-def _ignore_interrupts(worker_id: int) -> None:
-    """Data workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker that
-    quit on it would fail the main process's next fetch before its step is checkpointed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _precision_dtype(spec: TrainSpec) -> torch.dtype:
@@ -175,40 +152,9 @@ class Trainer:
             self.params, lr=spec.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
         )
 
-        self.dataset = PairDataset(
-            self.data,
-            self.data.records,
-            self.tokenizer,
-            spec.resolution,
-            spec.center_crop,
-            spec.random_flip,
-            spec.seed,
-        )
-        self.dataset.with_pixels = not spec.cache_latents
-        dataset: Any = self.dataset
-        if self.prior:
-            self.prior_dataset = PairDataset(
-                self.data,
-                self.prior,
-                self.tokenizer,
-                spec.resolution,
-                spec.center_crop,
-                spec.random_flip,
-                spec.seed + 1,
-            )
-            self.prior_dataset.with_pixels = not spec.cache_latents
-            dataset = PairedBatches(self.dataset, self.prior_dataset)
-        self.train_dataset = dataset
-        self.sampler = EpochSampler(len(dataset), spec.seed)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=spec.batch_size,
-            sampler=self.sampler,
-            collate_fn=collate,
-            num_workers=spec.num_workers,
-            worker_init_fn=_ignore_interrupts if spec.num_workers else None,
-            drop_last=False,
-        )
+        batches = training_batches(spec, self.data, self.prior, self.tokenizer)
+        self.dataset, self.prior_dataset = batches.instance, batches.prior
+        self.train_dataset, self.sampler, loader = batches.dataset, batches.sampler, batches.loader
         self.cache = self._cache_latents() if spec.cache_latents else None
 
         self.steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
@@ -363,7 +309,7 @@ class Trainer:
                     # loader): without this a resume past an epoch replays epoch 0's order.
                     batches.set_epoch(epoch)
                 skip = 0
-                for batch in _isolated(batches):
+                for batch in isolated(batches):
                     with acc.accumulate(*self.trainables):
                         loss = self.loss(batch)
                         acc.backward(loss)

@@ -15,7 +15,7 @@ from pie_cli.cli.options import (
     TrainingResolutionOpt,
     TrainingSeedOpt,
 )
-from pie_cli.training.config import OPTION_NAMES, TrainSpec
+from pie_cli.training.config import DATA_FORMATS, OPTION_NAMES, TrainSpec
 
 DEFAULTS = TrainSpec()  # defaults shown in --help come from the one place they are defined
 
@@ -58,7 +58,7 @@ def finetune(
     ] = False,
     # data
     data_format: Annotated[
-        str, typer.Option("--data-format", help="auto, folder, csv, jsonl, hf, chexpert, ham10000, eyepacs.")
+        str, typer.Option("--data-format", help=", ".join(DATA_FORMATS) + ".")
     ] = DEFAULTS.data_format,
     image_column: Annotated[
         str | None,

@@ -76,18 +76,17 @@ def add(
     debug: DebugOpt = False,
 ) -> None:
     """Register NAME for TARGET, e.g. a `pie finetune` output (LoRA adapters need --base)."""
+    from pie_cli.core.model_files import classify_target, trained_on
     from pie_cli.core.registry import (
         ALIAS_NAME,
         BUILTIN_ALIASES,
         BUILTIN_LOCAL,
         REPO_ID,
         UserModel,
-        classify_target,
         edit_user_models,
         load_user_models,
         resolve,
         status,
-        trained_on,
         user_models_file,
     )
 
@@ -159,7 +158,8 @@ def model_info(
     debug: DebugOpt = False,
 ) -> None:
     """Where a model reference resolves to and what it contains (read from its configs, no weights loaded)."""
-    from pie_cli.core.registry import model_summary, resolve
+    from pie_cli.core.model_files import model_summary
+    from pie_cli.core.registry import resolve
 
     source = resolve(reference)
     data = {**source.describe(), **model_summary(source.path)}
