@@ -1,15 +1,33 @@
-"""Shared fixtures: hermetic user/HF directories, one tiny SD model per session, inputs, a CLI runner."""
+"""Shared fixtures: hermetic user/HF directories, one tiny SD model per session,
+inputs, a CLI runner, a fake Hugging Face cache.
+
+Plain helpers (images, the tiny ``simulate_argv``/``finetune_argv`` command lines,
+``colour_folder``) live in ``tests/helpers.py``.
+
+Hidden shared state (what one test can leave for the next):
+
+- The session-scoped ``components`` and the process-global loader cache
+  (``pie_cli.core.loading._CACHE``, filled by every in-process ``pie simulate``) share
+  *mutable* model objects across tests: patch their methods with ``monkeypatch`` only, and
+  never change their weights or scheduler in place.
+- accelerate keeps process-wide singletons (``AcceleratorState``, ``GradientState``).
+  ``hermetic_env`` resets them only at teardown, so several in-process ``pie finetune`` runs
+  inside *one* test share them.
+- Module-scoped reference runs (``reference`` in test_reliability.py, ``straight`` in
+  test_finetune_reliability.py) are built by whichever test asks first.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from pie_cli.cli.app import app
+from tests.helpers import HF_COMMIT
 
 
 @pytest.fixture(autouse=True)
@@ -70,24 +88,12 @@ def phantom():
 
 @pytest.fixture
 def inputs(tmp_path, phantom) -> dict[str, Path]:
+    """The phantom chest and its left-lung mask as files: {"image": chest.png, "mask": left-lung.png}."""
     image, _right, left = phantom
     paths = {"image": tmp_path / "chest.png", "mask": tmp_path / "left-lung.png"}
     image.save(paths["image"])
     left.save(paths["mask"])
     return paths
-
-
-def half_mask(size: int, side: str = "left") -> Image.Image:
-    arr = np.zeros((size, size), dtype=np.uint8)
-    if side == "left":
-        arr[:, : size // 2] = 255
-    else:
-        arr[:, size // 2 :] = 255
-    return Image.fromarray(arr, mode="L")
-
-
-def pixels(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.int16)
 
 
 class Cli:
@@ -103,19 +109,6 @@ class Cli:
 @pytest.fixture
 def cli() -> Cli:
     return Cli()
-
-
-def zeros_randn(monkeypatch) -> None:
-    """Replace every torch.randn draw by zeros (the noise-free mode of DESIGN.md section 2)."""
-    import torch
-
-    def zeros(*size, generator=None, **kwargs):
-        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
-            size = tuple(size[0])
-        kwargs.pop("layout", None)
-        return torch.zeros(*size, **kwargs)
-
-    monkeypatch.setattr(torch, "randn", zeros)
 
 
 @pytest.fixture(scope="session")
@@ -154,3 +147,20 @@ def tiny_unet_variant(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finetuned") / "ft"
     unet.save_pretrained(out / "unet", safe_serialization=True)
     return out
+
+
+@pytest.fixture
+def hf_snapshot():
+    """Lay a model out in the (hermetic) HF cache the way huggingface_hub caches a download:
+    ``models--ORG--NAME/refs/main`` naming ``snapshots/<commit>/``. Returns the snapshot folder.
+    """
+
+    def put(model: Path, repo_id: str, commit: str = HF_COMMIT) -> Path:
+        repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(model, snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+    return put

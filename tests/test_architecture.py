@@ -24,7 +24,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "pie_cli"
-HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors", "huggingface_hub")
+HEAVY = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "safetensors",
+    "huggingface_hub",
+)
 LAYERS = {
     **dict.fromkeys(("errors", "paths", "signals", "reporting"), 0),
     "imaging": 1,
@@ -93,9 +102,13 @@ def problems(root: Path = ROOT) -> list[str]:
             if src_key == dst_key or src_key not in LAYERS or dst_key not in LAYERS:
                 continue
             if LAYERS[dst_key] > LAYERS[src_key]:
-                found.append(f"{edge.where} imports {dst}: {src_key}/ may not import the layer above it ({dst_key}/)")
+                found.append(
+                    f"{edge.where} imports {dst}: {src_key}/ may not import the layer above it ({dst_key}/)"
+                )
             elif LAYERS[dst_key] == LAYERS[src_key] and LAYERS[src_key] in (2, 3):
-                found.append(f"{edge.where} imports {dst}: {src_key}/ and {dst_key}/ are one layer and independent")
+                found.append(
+                    f"{edge.where} imports {dst}: {src_key}/ and {dst_key}/ are one layer and independent"
+                )
     return found
 
 
@@ -116,8 +129,16 @@ def test_every_package_has_a_layer():
     [
         ("imaging/bad.py", "from pie_cli.cli.console import info\n", "only pie_cli.cli imports the shell"),
         ("imaging/bad.py", "def f():\n    import torch\n", "imaging/ stays numpy/PIL only, never torch"),
-        ("cli/commands/bad.py", "from pie_cli.cli.commands.simulate import simulate\n", "never imports another command"),
-        ("core/bad.py", "def f():\n    from pie_cli.simulate.run import run\n", "may not import the layer above it"),
+        (
+            "cli/commands/bad.py",
+            "from pie_cli.cli.commands.simulate import simulate\n",
+            "never imports another command",
+        ),
+        (
+            "core/bad.py",
+            "def f():\n    from pie_cli.simulate.run import run\n",
+            "may not import the layer above it",
+        ),
         ("runs/bad.py", "from pie_cli.core import registry\n", "are one layer and independent"),
         ("simulate/bad.py", "from ..training import runner\n", "are one layer and independent"),
     ],

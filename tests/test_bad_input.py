@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.helpers import finetune_argv, simulate_argv
+
 # --------------------------------------------------------------------------- the inputs
 
 
@@ -173,25 +175,7 @@ def rename_denied(w: World, monkeypatch) -> None:
 
 def sim(w: World, *extra, image: Path | None = None) -> list:
     """A valid, fast `pie simulate` (tiny model, 1 step at 64 px); later options win over these."""
-    return [
-        "simulate",
-        image or w.image,
-        "--prompt",
-        "large left pleural effusion",
-        "--model",
-        w.model,
-        "--resolution",
-        "64",
-        "--inference-steps",
-        "4",
-        "--steps",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        w.out,
-        *extra,
-    ]
+    return simulate_argv(image or w.image, w.out, *extra, model=w.model)
 
 
 def mask(w: World, *extra, image: Path | None = None) -> list:
@@ -213,24 +197,7 @@ def gif(w: World, *extra, frames: tuple = ()) -> list:
 
 
 def ft(w: World, *extra) -> list:
-    return [
-        "finetune",
-        "--data",
-        w.data,
-        "--model",
-        w.model,
-        "--out",
-        w.tmp / "ft",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "1",
-        "--num-workers",
-        "0",
-        "--resolution",
-        "32",
-        *extra,
-    ]
+    return finetune_argv(w.data, w.model, w.tmp / "ft", *extra, batch_size=1, max_steps=1)
 
 
 def touch(path: Path, text: str = "") -> Path:

@@ -12,8 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from pie_cli.doctor import checks as doctor_module
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from tests.helpers import HF_COMMIT
 
 
 def report(cli, *args):
@@ -25,16 +24,6 @@ def model_row(data, name):
     rows = [r for r in data["models"] if r["name"] == name]
     assert len(rows) == 1, data["models"]
     return rows[0]
-
-
-def put_in_hf_cache(model: Path, repo_id: str) -> Path:
-    """Lay a model out like a huggingface_hub download: blobs, snapshot symlinks, refs/main."""
-    repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / COMMIT
-    shutil.copytree(model, snapshot)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    return snapshot
 
 
 @pytest.fixture
@@ -95,9 +84,9 @@ def test_json_report(cli):
     assert {model_row(data, n)["status"] for n in ("sd-v1-4", "sd-v1-5", "mimic-cxr")} == {"not cached"}
 
 
-def test_cached_model_resolves_and_cache_size_counts_blobs_once(cli, tiny_model):
-    snapshot = put_in_hf_cache(tiny_model, "stable-diffusion-v1-5/stable-diffusion-v1-5")
-    expected = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file()) + len(COMMIT)
+def test_cached_model_resolves_and_cache_size_counts_blobs_once(cli, tiny_model, hf_snapshot):
+    snapshot = hf_snapshot(tiny_model, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    expected = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file()) + len(HF_COMMIT)
     # a snapshot symlink (as huggingface_hub makes them) must not be counted twice
     (snapshot.parent / "alias").symlink_to(snapshot, target_is_directory=True)
     result, data = report(cli)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pie_cli.imaging.animation import sequence
 from pie_cli.imaging.annotate import HEAT_LUT, OUTLINE_RGB, caption_box
+from tests.helpers import simulate_argv
 
 W, H = 48, 32
 
@@ -193,24 +194,7 @@ def test_mp4_without_the_extra_names_it(cli, tmp_path, monkeypatch):
 def test_simulate_writes_its_gif_with_the_same_code(cli, inputs, tiny_model, tmp_path):
     out = tmp_path / "sim"
     result = cli(
-        "simulate",
-        inputs["image"],
-        "--mask",
-        inputs["mask"],
-        "--prompt",
-        "x",
-        "--model",
-        tiny_model,
-        "--out",
-        out,
-        "--steps",
-        "2",
-        "--inference-steps",
-        "4",
-        "--resolution",
-        "64",
-        "--device",
-        "cpu",
+        *simulate_argv(inputs["image"], out, model=tiny_model, mask=inputs["mask"], prompt="x", steps=2)
     )
     assert result.exit_code == 0, result.output
     frames, durations, info = gif_frames(out / "progression.gif")

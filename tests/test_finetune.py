@@ -13,26 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (240, 240, 240)}
-FAST = ["--resolution", "32", "--batch-size", "2", "--num-workers", "0", "--checkpoint-every", "1000"]
+from tests.helpers import colour_folder, finetune_argv, simulate_argv
 
-
-def colour_folder(root: Path, n: int = 8, size: int = 32, fmt: str = "jsonl") -> Path:
-    """An image folder: solid colours, one prompt per colour (a task a model can learn)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        name = list(COLOURS)[i % len(COLOURS)]
-        Image.new("RGB", (size, size), COLOURS[name]).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"a {name} square"})
-    if fmt == "jsonl":
-        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
-        with open(root / "metadata.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["file_name", "text"])
-            writer.writeheader()
-            writer.writerows(rows)
-    return root
+FAST = ["--checkpoint-every", "1000"]  # with finetune_argv's 32 px, batches of 2, no data workers
 
 
 @pytest.fixture
@@ -41,7 +24,7 @@ def data(tmp_path) -> Path:
 
 
 def finetune(cli, data, model, out, *extra):
-    return cli("finetune", "--data", data, "--model", model, "--out", out, *FAST, *extra)
+    return cli(*finetune_argv(data, model, out, *FAST, *extra))
 
 
 def losses(out: Path) -> list[float]:
@@ -118,25 +101,10 @@ def test_lora_output_is_used_by_simulate_and_the_registry(cli, data, tiny_model,
     assert result.exit_code == 0, result.output
     for name, model in (("alias", "colours"), ("flag", str(tiny_model))):
         extra = [] if name == "alias" else ["--lora", str(out)]
-        result = cli(
-            "simulate",
-            data / "0.png",
-            "--prompt",
-            "a red square",
-            "--model",
-            model,
-            *extra,
-            "--out",
-            tmp_path / name,
-            "--steps",
-            "1",
-            "--inference-steps",
-            "4",
-            "--resolution",
-            "32",
-            "--device",
-            "cpu",
+        argv = simulate_argv(
+            data / "0.png", tmp_path / name, *extra, model=model, prompt="a red square", resolution=32
         )
+        result = cli(*argv)
         assert result.exit_code == 0, result.output
     a = np.asarray(Image.open(tmp_path / "alias" / "frame_001.png"))
     b = np.asarray(Image.open(tmp_path / "flag" / "frame_001.png"))
@@ -166,44 +134,13 @@ def test_full_training_writes_a_unet_and_a_complete_model(cli, data, tiny_model,
     assert (unet_output(tuned) - unet_output(base)).abs().max() > 1e-4
     assert (out / "text_encoder" / "model.safetensors").is_file()
     result = cli(
-        "simulate",
-        data / "0.png",
-        "--prompt",
-        "a red square",
-        "--model",
-        out,
-        "--out",
-        tmp_path / "sim",
-        "--steps",
-        "1",
-        "--inference-steps",
-        "4",
-        "--resolution",
-        "32",
-        "--device",
-        "cpu",
+        *simulate_argv(data / "0.png", tmp_path / "sim", model=out, prompt="a red square", resolution=32)
     )
     assert result.exit_code == 0, result.output
-    result = cli(
-        "simulate",
-        data / "0.png",
-        "--prompt",
-        "x",
-        "--model",
-        tiny_model,
-        "--unet",
-        out,
-        "--out",
-        tmp_path / "sim2",
-        "--steps",
-        "1",
-        "--inference-steps",
-        "4",
-        "--resolution",
-        "32",
-        "--device",
-        "cpu",
+    argv = simulate_argv(
+        data / "0.png", tmp_path / "sim2", "--unet", out, model=tiny_model, prompt="x", resolution=32
     )
+    result = cli(*argv)
     assert result.exit_code == 0, result.output
 
 
@@ -327,14 +264,7 @@ def test_validation_samples_and_progress(cli, data, tiny_model, tmp_path):
     result = cli(
         "--progress",
         "plain",
-        "finetune",
-        "--data",
-        data,
-        "--model",
-        tiny_model,
-        "--out",
-        tmp_path / "v",
-        *FAST,
+        *finetune_argv(data, tiny_model, tmp_path / "v", *FAST),
         "--max-steps",
         "2",
         "--validation-prompt",
@@ -473,9 +403,7 @@ def test_bad_input_exits_2_and_writes_nothing(cli, data, tiny_model, tmp_path, c
     if "--model" not in args:
         args += ["--model", str(tiny_model)]
     out = tmp_path / "out"
-    result = cli(
-        "finetune", *args, "--out", out, "--resolution", "32", "--max-steps", "1", "--num-workers", "0"
-    )
+    result = cli(*finetune_argv(None, None, out, *args, batch_size=None, max_steps=1))
     assert result.exit_code == 2, result.output
     assert expected.format(t=tmp_path) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("Error: ")
@@ -660,7 +588,7 @@ def test_two_cpu_processes_train_one_run_together(data, tiny_model, tmp_path):
 
     out = tmp_path / "ft"
     torchrun = Path(sys.executable).with_name("torchrun")
-    argv = ["finetune", "--data", data, "--model", tiny_model, "--out", out, *FAST]
+    argv = finetune_argv(data, tiny_model, out, *FAST)
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", "29573", "-m", "pie_cli", "--progress", "off"]
         + [str(a) for a in argv]

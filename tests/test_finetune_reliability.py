@@ -21,16 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_finetune import colour_folder
+from tests.helpers import colour_folder, finetune_argv
 
 MAX_STEPS = 6  # 4 images, batches of 2: an epoch every 2 steps, so resumes cross epochs
-COMMON = (
-    "--resolution",
-    "32",
-    "--batch-size",
-    "2",
-    "--num-workers",
-    "0",
+COMMON = (  # with finetune_argv's 32 px, batches of 2, no data workers
     "--max-steps",
     str(MAX_STEPS),
     "--checkpoint-every",
@@ -95,7 +89,7 @@ def straight(cli, tiny_model, tmp_path_factory, _cache) -> dict:
         root = tmp_path_factory.mktemp("straight")
         data = colour_folder(root / "data", n=4)
         out = root / "run"
-        result = cli("finetune", "--data", data, "--model", tiny_model, "--out", out, *COMMON)
+        result = cli(*finetune_argv(data, tiny_model, out, *COMMON))
         assert result.exit_code == 0, result.output
         assert len(rows(out)) == MAX_STEPS
         _cache.update(data=data, out=out)
@@ -117,7 +111,7 @@ def _sigint_not_ignored():
 
 
 class Child:
-    """``python -m pie_cli finetune ...`` in a child process with the test's environment."""
+    """``python -m pie_cli ARGS`` in a child process with the test's environment."""
 
     def __init__(self, tmp_path: Path, args: list, **popen) -> None:
         self.stderr_path = tmp_path / "child.stderr"
@@ -127,7 +121,7 @@ class Child:
             _sigint_not_ignored(),
         ):
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pie_cli", "finetune", *map(str, args)],
+                [sys.executable, "-m", "pie_cli", *map(str, args)],
                 env=os.environ.copy(),  # PIE_HOME, HF_HOME, offline: set by conftest
                 stdout=out,
                 stderr=err,
@@ -202,7 +196,7 @@ def test_sigkill_then_resume_latest_is_bit_identical(cli, child, straight, tiny_
     from pie_cli.training.checkpoints import COMPLETE, checkpoint_step, is_complete, latest_checkpoint
 
     out = tmp_path / "run"
-    run = child(["--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON])
+    run = child(finetune_argv(straight["data"], tiny_model, out, *COMMON))
     run.wait_until(past_a_checkpoint(out), "a checkpoint followed by more steps")
     run.proc.send_signal(signal.SIGKILL)  # no handler, no cleanup
     assert run.wait() == -signal.SIGKILL
@@ -253,7 +247,7 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_bit_identical(
     from pie_cli.training.checkpoints import checkpoint_step, is_complete, latest_checkpoint
 
     out = tmp_path / "run"
-    args = ["--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON]
+    args = finetune_argv(straight["data"], tiny_model, out, *COMMON)
     if how == "SIGTERM":  # e.g. `kill PID`, a scheduler's preemption
         run = child(args)
         name = "SIGTERM"
@@ -305,7 +299,7 @@ def test_signals_in_process_stop_exactly_where_sent_and_resume_is_bit_identical(
     checkpoint = out / "checkpoints"
 
     send[2] = [signal.SIGTERM]
-    result = cli("finetune", "--data", straight["data"], "--model", tiny_model, "--out", out, *COMMON)
+    result = cli(*finetune_argv(straight["data"], tiny_model, out, *COMMON))
     assert result.exit_code == 130
     assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     assert f"stopped by SIGTERM at step 3 of {MAX_STEPS}; saved checkpoint {checkpoint / 'step_000003'}." in (
@@ -347,8 +341,7 @@ def test_nan_stops_with_exit_1_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(loop.Trainer, "loss", poisoned)
     out = tmp_path / "run"
-    args = [*COMMON, "--checkpoint-every", "1"]
-    result = cli("finetune", "--data", straight["data"], "--model", tiny_model, "--out", out, *args)
+    result = cli(*finetune_argv(straight["data"], tiny_model, out, *COMMON, "--checkpoint-every", "1"))
     assert result.exit_code == 1, result.output
     good = out / "checkpoints" / "step_000002"
     message = {

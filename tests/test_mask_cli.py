@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pie_cli.imaging.media import fit_square
+from tests.helpers import simulate_argv
 
 
 def grey_image(path: Path, size: tuple[int, int], value: int = 90) -> Path:
@@ -269,24 +270,7 @@ def test_a_made_mask_always_fits_simulate(cli, tmp_path, tiny_model):
     image = grey_image(tmp_path / "img.png", (96, 64))
     assert make(cli, image, tmp_path / "m.png", "--box", "40,10,70,50", resolution=64).exit_code == 0
     result = cli(
-        "simulate",
-        image,
-        "--mask",
-        tmp_path / "m.png",
-        "--prompt",
-        "x",
-        "--model",
-        tiny_model,
-        "--out",
-        tmp_path / "run",
-        "--steps",
-        "1",
-        "--inference-steps",
-        "4",
-        "--resolution",
-        "64",
-        "--device",
-        "cpu",
+        *simulate_argv(image, tmp_path / "run", model=tiny_model, mask=tmp_path / "m.png", prompt="x")
     )
     assert result.exit_code == 0, result.output
     assert np.array_equal(read(tmp_path / "run" / "mask.png"), read(tmp_path / "m.png"))

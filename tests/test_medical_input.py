@@ -13,6 +13,7 @@ from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.imaging.media import open_image, to_rgb8
+from tests.helpers import simulate_argv
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -402,26 +403,7 @@ def test_simulate_on_a_dicom_leaks_no_tag(cli, tmp_path, tiny_model):
     mask = tmp_path / "mask.png"
     assert cli("mask", image, "--out", mask, "--ellipse", "20,32,9,20", "--resolution", "64").exit_code == 0
     out = tmp_path / "run"
-    result = cli(
-        "simulate",
-        image,
-        "--mask",
-        mask,
-        "--prompt",
-        "large left pleural effusion",
-        "--model",
-        tiny_model,
-        "--out",
-        out,
-        "--steps",
-        "1",
-        "--inference-steps",
-        "4",
-        "--resolution",
-        "64",
-        "--device",
-        "cpu",
-    )
+    result = cli(*simulate_argv(image, out, model=tiny_model, mask=mask))
     assert result.exit_code == 0, result.output
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name == "frame_001.png" for p in files)

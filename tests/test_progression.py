@@ -16,7 +16,7 @@ from pie_cli.core.progression import (
     step_timesteps,
 )
 from pie_cli.imaging.media import prepare_image
-from tests.conftest import half_mask, pixels, zeros_randn
+from tests.helpers import half_mask, pixels, zeros_randn
 
 PROMPT = "large left pleural effusion"
 

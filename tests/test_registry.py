@@ -11,18 +11,7 @@ import pytest
 
 from pie_cli.core.registry import Adapter, parse_lora, resolve
 from pie_cli.errors import UserError
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def put_in_hf_cache(model: Path, repo_id: str, commit: str = COMMIT) -> Path:
-    """Lay a model out the way huggingface_hub caches a download (refs/main -> snapshots/<commit>)."""
-    repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(model, snapshot)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
+from tests.helpers import HF_COMMIT, simulate_argv
 
 
 def test_local_directory(tiny_model):
@@ -30,20 +19,20 @@ def test_local_directory(tiny_model):
     assert source.origin == "directory" and source.path == tiny_model.resolve()
 
 
-def test_repo_id_from_the_local_cache(tiny_model):
-    snapshot = put_in_hf_cache(tiny_model, "someorg/tiny-sd")
+def test_repo_id_from_the_local_cache(tiny_model, hf_snapshot):
+    snapshot = hf_snapshot(tiny_model, "someorg/tiny-sd")
     source = resolve("someorg/tiny-sd")
     assert (source.origin, source.path, source.repo_id, source.revision) == (
         "hf-cache",
         snapshot,
         "someorg/tiny-sd",
-        COMMIT,
+        HF_COMMIT,
     )
-    assert resolve(f"someorg/tiny-sd@{COMMIT}").path == snapshot
+    assert resolve(f"someorg/tiny-sd@{HF_COMMIT}").path == snapshot
 
 
-def test_builtin_alias_from_the_local_cache(tiny_model):
-    snapshot = put_in_hf_cache(tiny_model, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+def test_builtin_alias_from_the_local_cache(tiny_model, hf_snapshot):
+    snapshot = hf_snapshot(tiny_model, "stable-diffusion-v1-5/stable-diffusion-v1-5")
     source = resolve("sd-v1-5")
     assert (
         source.path == snapshot
@@ -142,24 +131,7 @@ def test_alias_names_and_builtins_are_protected(cli, tiny_model):
 def test_simulate_with_a_user_alias(cli, tiny_model, inputs, tmp_path):
     assert cli("models", "add", "tiny", tiny_model).exit_code == 0
     out = tmp_path / "run"
-    result = cli(
-        "simulate",
-        inputs["image"],
-        "--prompt",
-        "effusion",
-        "--model",
-        "tiny",
-        "--out",
-        out,
-        "--steps",
-        "1",
-        "--inference-steps",
-        "4",
-        "--resolution",
-        "64",
-        "--device",
-        "cpu",
-    )
+    result = cli(*simulate_argv(inputs["image"], out, model="tiny", prompt="effusion"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["alias"] == "tiny" and manifest["model"]["path"] == str(tiny_model.resolve())
@@ -180,20 +152,10 @@ def test_pickle_only_weights_are_refused(cli, tiny_model, inputs, tmp_path):
     (model / "unet" / "diffusion_pytorch_model.safetensors").rename(
         model / "unet" / "diffusion_pytorch_model.bin"
     )
-    result = cli(
-        "simulate",
-        inputs["image"],
-        "--prompt",
-        "x",
-        "--model",
-        model,
-        "--out",
-        tmp_path / "o",
-        "--resolution",
-        "64",
-        "--device",
-        "cpu",
+    argv = simulate_argv(
+        inputs["image"], tmp_path / "o", model=model, prompt="x", steps=None, inference_steps=None
     )
+    result = cli(*argv)
     assert result.exit_code == 2
     assert (
         "has only pickle weights (diffusion_pytorch_model.bin), which can run code when opened; "
@@ -202,7 +164,7 @@ def test_pickle_only_weights_are_refused(cli, tiny_model, inputs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_pull_downloads_only_what_pie_needs(cli, tiny_model, monkeypatch):
+def test_pull_downloads_only_what_pie_needs(cli, tiny_model, monkeypatch, hf_snapshot):
     import huggingface_hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -210,7 +172,7 @@ def test_pull_downloads_only_what_pie_needs(cli, tiny_model, monkeypatch):
 
     def fake_snapshot_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
         seen.update(repo_id=repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns)
-        return str(put_in_hf_cache(tiny_model, repo_id))
+        return str(hf_snapshot(tiny_model, repo_id))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     result = cli("models", "pull", "sd-v1-5")
@@ -219,7 +181,7 @@ def test_pull_downloads_only_what_pie_needs(cli, tiny_model, monkeypatch):
     assert seen["cache_dir"] == os.environ["HF_HUB_CACHE"]
     assert all(not p.endswith((".bin", ".ckpt")) for p in seen["allow_patterns"])
     assert "unet/diffusion_pytorch_model.safetensors" in seen["allow_patterns"]
-    assert resolve("sd-v1-5").revision == COMMIT  # now resolvable offline
+    assert resolve("sd-v1-5").revision == HF_COMMIT  # now resolvable offline
 
 
 def test_pull_refuses_when_offline_or_not_a_repo(cli):

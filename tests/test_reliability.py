@@ -16,37 +16,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import pixels
+from tests.helpers import finetune_argv, frames_of, manifest, pixels, simulate_argv
 
 STEPS = 6
-FAST = ("--resolution", "64", "--inference-steps", "20", "--device", "cpu", "--seed", "7")
+FAST = {"inference_steps": 20, "seed": 7}  # at 64 px on the CPU (simulate_argv)
 
 
 def args(tiny_model, inputs, out, *extra):
-    return [
-        "simulate",
-        inputs["image"],
-        "--prompt",
-        "large left pleural effusion",
-        "--mask",
-        inputs["mask"],
-        "--model",
-        tiny_model,
-        "--steps",
-        str(STEPS),
-        *FAST,
-        "--out",
-        out,
-        *extra,
-    ]
-
-
-def frames_of(run: Path) -> list[np.ndarray]:
-    return [pixels(Image.open(p)) for p in sorted(run.glob("frame_*.png"))]
-
-
-def manifest(run: Path) -> dict:
-    return json.loads((run / "manifest.json").read_text())
+    return simulate_argv(
+        inputs["image"], out, *extra, model=tiny_model, mask=inputs["mask"], steps=STEPS, **FAST
+    )
 
 
 def child(*argv) -> subprocess.Popen:
@@ -385,22 +364,15 @@ def test_finetune_refuses_a_pickle_base_model_before_writing_anything(cli, tiny_
     torch.save(load_file(weights), model / "vae" / "diffusion_pytorch_model.bin")
     weights.unlink()
     assert cli("demo", "data", "--out", tmp_path / "data", "-n", "4").exit_code == 0
-    train = [
-        "finetune",
-        "--data",
-        tmp_path / "data",
-        "--model",
-        model,
-        "--max-steps",
-        "1",
-        "--resolution",
-        "64",
-    ]
-    train += ["--batch-size", "2", "--num-workers", "0"]
-    result = cli(*train, "--out", tmp_path / "refused")
+    data = tmp_path / "data"
+
+    def train(out, *extra):
+        return finetune_argv(data, model, out, *extra, resolution=64, max_steps=1)
+
+    result = cli(*train(tmp_path / "refused"))
     assert result.exit_code == 2 and "or pass --allow-pickle if you trust the file." in result.stderr
     assert not (tmp_path / "refused").exists()
-    result = cli(*train, "--out", tmp_path / "trained", "--allow-pickle")
+    result = cli(*train(tmp_path / "trained", "--allow-pickle"))
     assert result.exit_code == 0, result.output
     assert "loading pickle weights" in result.stderr
     assert (tmp_path / "trained" / "pytorch_lora_weights.safetensors").is_file()
@@ -417,8 +389,11 @@ def test_an_interrupted_cohort_goes_on_where_it_stopped(cli, tiny_model, inputs,
         writer.writerow(["image", "mask", "prompt", "out"])
         writer.writerow([inputs["image"], inputs["mask"], "small effusion", "a"])
         writer.writerow([inputs["image"], inputs["mask"], "large effusion", "b"])
-    run = ["simulate", "--cohort", cohort, "--model", tiny_model, "--steps", "3", *FAST]
-    assert cli(*run, "--out", tmp_path / "whole").exit_code == 0
+
+    def run(out):
+        return simulate_argv(None, out, "--cohort", cohort, model=tiny_model, prompt=None, steps=3, **FAST)
+
+    assert cli(*run(tmp_path / "whole")).exit_code == 0
 
     original = RunWriter.write_frame
 
@@ -430,12 +405,12 @@ def test_an_interrupted_cohort_goes_on_where_it_stopped(cli, tiny_model, inputs,
     out = tmp_path / "cut"
     with monkeypatch.context() as m:
         m.setattr(RunWriter, "write_frame", write_frame)
-        result = cli(*run, "--out", out)
+        result = cli(*run(out))
     assert result.exit_code == 130
     assert "interrupted during cohort case b" in result.stderr and "Rerun the same command" in result.stderr
     with open(out / "cohort_summary.csv") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["complete", "interrupted"]
-    result = cli(*run, "--out", out)
+    result = cli(*run(out))
     assert result.exit_code == 0, result.output
     with open(out / "cohort_summary.csv") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["skipped (complete)", "complete"]

@@ -10,31 +10,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import pixels
+from tests.helpers import pixels, simulate_argv
 
-FAST = ["--steps", "2", "--inference-steps", "6", "--resolution", "64", "--device", "cpu"]
+FAST = {"steps": 2, "inference_steps": 6}  # at 64 px on the CPU (simulate_argv)
 
 
-def simulate(cli, tiny_model, *args):
-    return cli("simulate", "--model", tiny_model, *FAST, *args)
+def cohort_argv(cohort: Path, out: Path, *extra, model) -> list:
+    return simulate_argv(None, out, "--cohort", cohort, *extra, model=model, prompt=None, **FAST)
 
 
 def test_trajectories_layout_and_equality_with_single_runs(cli, inputs, tiny_model, tmp_path):
     out = tmp_path / "k3"
-    result = simulate(
-        cli,
-        tiny_model,
-        inputs["image"],
-        "--mask",
-        inputs["mask"],
-        "--prompt",
-        "effusion",
-        "--out",
-        out,
-        "--trajectories",
-        "3",
-        "--seed",
-        "10",
+    result = cli(
+        *simulate_argv(
+            inputs["image"],
+            out,
+            "--trajectories",
+            "3",
+            model=tiny_model,
+            mask=inputs["mask"],
+            prompt="effusion",
+            seed=10,
+            **FAST,
+        )
     )
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {
@@ -62,18 +60,10 @@ def test_trajectories_layout_and_equality_with_single_runs(cli, inputs, tiny_mod
     assert top["trajectories"] == ["traj_00", "traj_01", "traj_02"] and top["status"] == "complete"
 
     single = tmp_path / "single"
-    result = simulate(
-        cli,
-        tiny_model,
-        inputs["image"],
-        "--mask",
-        inputs["mask"],
-        "--prompt",
-        "effusion",
-        "--out",
-        single,
-        "--seed",
-        "11",
+    result = cli(
+        *simulate_argv(
+            inputs["image"], single, model=tiny_model, mask=inputs["mask"], prompt="effusion", seed=11, **FAST
+        )
     )
     assert result.exit_code == 0
     for n in range(3):
@@ -87,7 +77,9 @@ def test_trajectories_layout_and_equality_with_single_runs(cli, inputs, tiny_mod
     assert Image.open(out / "uncertainty.png").size == (64, 64)
 
     # --overwrite with fewer trajectories leaves no stale traj_ folders behind
-    result = simulate(cli, tiny_model, inputs["image"], "--prompt", "effusion", "--out", out, "--overwrite")
+    result = cli(
+        *simulate_argv(inputs["image"], out, "--overwrite", model=tiny_model, prompt="effusion", **FAST)
+    )
     assert result.exit_code == 0
     assert not any(p.name.startswith("traj_") for p in out.iterdir())
 
@@ -98,20 +90,21 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
         "# a report per step\n1: small left pleural effusion\n2: large left pleural effusion\n"
     )
     out = tmp_path / "run"
-    result = simulate(
-        cli,
-        tiny_model,
-        inputs["image"],
-        "--mask",
-        inputs["mask"],
-        "--prompt-schedule",
-        schedule,
-        "--strength-schedule",
-        "0.4:0.6",
-        "--guidance-schedule",
-        "5,9",
-        "--out",
-        out,
+    result = cli(
+        *simulate_argv(
+            inputs["image"],
+            out,
+            "--prompt-schedule",
+            schedule,
+            "--strength-schedule",
+            "0.4:0.6",
+            "--guidance-schedule",
+            "5,9",
+            model=tiny_model,
+            mask=inputs["mask"],
+            prompt=None,
+            **FAST,
+        )
     )
     assert result.exit_code == 0, result.output
     params = json.loads((out / "manifest.json").read_text())["parameters"]
@@ -134,7 +127,9 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
             "--strength-schedule must be in (0, 1], got 1.5.",
         ),
     ):
-        result = simulate(cli, tiny_model, inputs["image"], *args, "--out", tmp_path / "bad")
+        result = cli(
+            *simulate_argv(inputs["image"], tmp_path / "bad", *args, model=tiny_model, prompt=None, **FAST)
+        )
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr
         assert not (tmp_path / "bad").exists()
@@ -164,7 +159,7 @@ def test_cohort_runs_each_case_once_and_resumes(cli, inputs, tiny_model, tmp_pat
     ]
     cohort = write_cohort(tmp_path, inputs, rows)
     out = tmp_path / "cohort"
-    result = cli("simulate", "--cohort", cohort, "--model", tiny_model, *FAST, "--out", out)
+    result = cli(*cohort_argv(cohort, out, model=tiny_model))
     assert result.exit_code == 0, result.output
     with open(out / "cohort_summary.csv") as fh:
         summary = list(csv.DictReader(fh))
@@ -184,7 +179,7 @@ def test_cohort_runs_each_case_once_and_resumes(cli, inputs, tiny_model, tmp_pat
     data["status"] = "interrupted"
     manifest.write_text(json.dumps(data))
     frame = (out / "a" / "frame_002.png").read_bytes()
-    result = cli("simulate", "--cohort", cohort, "--model", tiny_model, *FAST, "--out", out)
+    result = cli(*cohort_argv(cohort, out, model=tiny_model))
     assert result.exit_code == 0, result.output
     with open(out / "cohort_summary.csv") as fh:
         statuses = [r["status"] for r in csv.DictReader(fh)]
@@ -204,7 +199,7 @@ def test_cohort_runs_each_case_once_and_resumes(cli, inputs, tiny_model, tmp_pat
 def test_bad_cohorts(cli, inputs, tiny_model, tmp_path, rows, message):
     rows = [{k: v.format(img=inputs["image"]) for k, v in r.items()} for r in rows]
     cohort = write_cohort(tmp_path, inputs, rows)
-    result = cli("simulate", "--cohort", cohort, "--model", tiny_model, *FAST, "--out", tmp_path / "out")
+    result = cli(*cohort_argv(cohort, tmp_path / "out", model=tiny_model))
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert not (tmp_path / "out").exists()
@@ -234,20 +229,18 @@ def test_a_cohort_split_over_two_processes_gives_the_same_outputs(cli, inputs, t
         for name, p in (("a", "small effusion"), ("b", "large effusion"), ("c", "effusion"))
     ]
     cohort = write_cohort(tmp_path, inputs, rows)
-    args = ["simulate", "--cohort", cohort, "--model", tiny_model, *FAST, "--steps", "2"]
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same float order
     try:
-        assert cli(*args, "--out", tmp_path / "one").exit_code == 0
+        assert cli(*cohort_argv(cohort, tmp_path / "one", "--steps", "2", model=tiny_model)).exit_code == 0
     finally:
         torch.set_num_threads(threads)
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "pie_cli", "--progress", "off"]
-        + [str(a) for a in args]
-        + ["--out", str(tmp_path / "two")],
+        + [str(a) for a in cohort_argv(cohort, tmp_path / "two", "--steps", "2", model=tiny_model)],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from pie_cli.imaging.media import prepare_image
-from tests.conftest import pixels
+from tests.helpers import frames_of, pixels, simulate_argv
 
-FAST = ["--steps", "3", "--inference-steps", "10", "--resolution", "64", "--device", "cpu"]
+FAST = {"steps": 3, "inference_steps": 10}  # at 64 px on the CPU (simulate_argv)
 EXPECTED_FILES = {
     "frame_000.png",
     "frame_001.png",
@@ -27,24 +27,11 @@ EXPECTED_FILES = {
 
 
 def simulate(cli, inputs, tiny_model, out, *extra, mask=True):
-    args = [
-        "simulate",
-        inputs["image"],
-        "--prompt",
-        "large left pleural effusion",
-        "--model",
-        tiny_model,
-        "--out",
-        out,
-        *FAST,
-    ]
-    if mask:
-        args += ["--mask", inputs["mask"]]
-    return cli(*args, *extra)
-
-
-def frames_of(out: Path) -> list[np.ndarray]:
-    return [pixels(Image.open(p)) for p in sorted(out.glob("frame_*.png"))]
+    return cli(
+        *simulate_argv(
+            inputs["image"], out, *extra, model=tiny_model, mask=inputs["mask"] if mask else None, **FAST
+        )
+    )
 
 
 def test_full_run_writes_exactly_the_run_files(cli, inputs, tiny_model, tmp_path, phantom):
@@ -89,22 +76,15 @@ def test_full_run_writes_exactly_the_run_files(cli, inputs, tiny_model, tmp_path
 
 def test_python_dash_m_writes_the_same_files(inputs, tiny_model, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pie_cli",
-        "simulate",
-        str(inputs["image"]),
-        "--mask",
-        str(inputs["mask"]),
-        "--prompt",
-        "small left pleural effusion",
-        "--model",
-        str(tiny_model),
-        "--out",
-        str(out),
-        *FAST,
-    ]
+    argv = simulate_argv(
+        inputs["image"],
+        out,
+        model=tiny_model,
+        mask=inputs["mask"],
+        prompt="small left pleural effusion",
+        **FAST,
+    )
+    cmd = [sys.executable, "-m", "pie_cli", *map(str, argv)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
@@ -130,42 +110,16 @@ def test_no_mask_and_no_gif(cli, inputs, tiny_model, tmp_path):
 
 def test_quiet_prints_only_the_run_directory(cli, inputs, tiny_model, tmp_path):
     out = tmp_path / "run"
-    result = cli(
-        "-q",
-        "simulate",
-        inputs["image"],
-        "--prompt",
-        "effusion",
-        "--model",
-        tiny_model,
-        "--out",
-        out,
-        "--steps",
-        "1",
-        "--inference-steps",
-        "4",
-        "--resolution",
-        "64",
-    )  # --device auto: no CPU note either
+    argv = simulate_argv(inputs["image"], out, model=tiny_model, prompt="effusion", device=None)
+    result = cli("-q", *argv)  # --device auto: no CPU note either
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out}\n"
     assert result.stderr == ""
 
 
 def test_plain_progress_reports_each_step(cli, inputs, tiny_model, tmp_path):
-    result = cli(
-        "--progress",
-        "plain",
-        "simulate",
-        inputs["image"],
-        "--prompt",
-        "effusion",
-        "--model",
-        tiny_model,
-        "--out",
-        tmp_path / "run",
-        *FAST,
-    )
+    argv = simulate_argv(inputs["image"], tmp_path / "run", model=tiny_model, prompt="effusion", **FAST)
+    result = cli("--progress", "plain", *argv)
     assert result.exit_code == 0, result.output
     for n in (1, 2, 3):
         assert f"progression {n}/3 done in" in result.stderr
