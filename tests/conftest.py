@@ -1,8 +1,34 @@
 """Shared fixtures: hermetic user/HF directories, one tiny SD model per session,
 inputs, a CLI runner, a fake Hugging Face cache.
 
-Plain helpers (images, the tiny ``simulate_argv``/``finetune_argv`` command lines,
-``colour_folder``) live in ``tests/helpers.py``.
+The layout mirrors ``pie_cli/`` (one file per command or subsystem); plain helpers (images,
+the tiny ``simulate_argv``/``finetune_argv`` command lines, ``colour_folder``) live in
+``tests/helpers.py``::
+
+    conftest.py, helpers.py
+    test_architecture.py     the layer rules of docs/ARCHITECTURE.md, on the import graph
+    test_bad_input.py        the error contract of every command: one table, plus fuzzing
+    cli/         test_app.py (help, version, startup cost), test_mask.py, test_export_gif.py,
+                 test_models.py (`pie models`, user aliases, concurrent adds)
+    core/        test_progression.py (the algorithm through the API, an independent oracle),
+                 test_registry.py (model references, the HF cache), test_loading.py (--lora,
+                 --unet, pickle weights), test_cuda.py (only with a GPU)
+    imaging/     test_media.py, test_masks.py, test_morphology.py, test_dicom.py (DICOM and
+                 16-bit PNG/TIFF input)
+    runs/        test_locks.py (.pie.lock)
+    simulate/    test_simulate.py (one run end to end: files, manifest, schedules, provenance,
+                 failures), test_trajectories.py, test_cohort.py, test_resume.py (signals,
+                 kills, --resume)
+    training/    conftest.py (the ``data`` folder), test_finetune.py (LoRA and full training, their
+                 outputs, options, bad input, torchrun), test_data.py (dataset formats),
+                 test_config.py (recipes, precedence), test_checkpoints.py (kills, signals,
+                 NaN, --resume)
+    evaluation/  test_evaluate.py
+    doctor/      test_doctor.py
+    demo/        test_demo.py (phantoms, `pie demo`), test_demo_model.py (the built-in model)
+
+Error messages of one command are asserted in that command's file; the contract every
+command keeps (exit status, one line, no files) is ``test_bad_input.py``.
 
 Hidden shared state (what one test can leave for the next):
 
@@ -13,8 +39,8 @@ Hidden shared state (what one test can leave for the next):
 - accelerate keeps process-wide singletons (``AcceleratorState``, ``GradientState``).
   ``hermetic_env`` resets them only at teardown, so several in-process ``pie finetune`` runs
   inside *one* test share them.
-- Module-scoped reference runs (``reference`` in test_reliability.py, ``straight`` in
-  test_finetune_reliability.py) are built by whichever test asks first.
+- Module-scoped reference runs (``reference`` in simulate/test_resume.py, ``straight`` in
+  training/test_checkpoints.py) are built by whichever test asks first.
 """
 
 from __future__ import annotations

@@ -144,3 +144,9 @@ def colour_folder(root: Path, n: int = 8, size: int = 32, fmt: str = "jsonl") ->
             writer.writeheader()
             writer.writerows(rows)
     return root
+
+
+def losses(out: Path) -> list[float]:
+    """The loss column of a `pie finetune` run's metrics.csv."""
+    with open(out / "metrics.csv") as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh)]

@@ -1,84 +1,26 @@
-"""The model registry: references, aliases, the HF cache (offline), and `pie models`."""
+"""`pie models`: user aliases (add, list, info, remove), pull, a corrupt registry, concurrent adds."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
-from pie_cli.core.registry import Adapter, parse_lora, resolve
-from pie_cli.errors import UserError
+from pie_cli.core.registry import Adapter, resolve
 from tests.helpers import HF_COMMIT, simulate_argv
 
 
-def test_local_directory(tiny_model):
-    source = resolve(str(tiny_model))
-    assert source.origin == "directory" and source.path == tiny_model.resolve()
-
-
-def test_repo_id_from_the_local_cache(tiny_model, hf_snapshot):
-    snapshot = hf_snapshot(tiny_model, "someorg/tiny-sd")
-    source = resolve("someorg/tiny-sd")
-    assert (source.origin, source.path, source.repo_id, source.revision) == (
-        "hf-cache",
-        snapshot,
-        "someorg/tiny-sd",
-        HF_COMMIT,
+def child(*argv) -> subprocess.Popen:
+    """`pie` in a child process (same hermetic environment as the test)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pie_cli", "--progress", "off", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
     )
-    assert resolve(f"someorg/tiny-sd@{HF_COMMIT}").path == snapshot
-
-
-def test_builtin_alias_from_the_local_cache(tiny_model, hf_snapshot):
-    snapshot = hf_snapshot(tiny_model, "stable-diffusion-v1-5/stable-diffusion-v1-5")
-    source = resolve("sd-v1-5")
-    assert (
-        source.path == snapshot
-        and source.alias == "sd-v1-5"
-        and source.repo_id.endswith("stable-diffusion-v1-5")
-    )
-
-
-@pytest.mark.parametrize(
-    ("reference", "message"),
-    [
-        ("sd-v1-4", "model sd-v1-4 (CompVis/stable-diffusion-v1-4) is not in the local Hugging Face cache"),
-        ("mimic-cxr", "download it once with `pie models pull mimic-cxr`"),
-        ("someorg/absent", "model someorg/absent (someorg/absent) is not in the local Hugging Face cache"),
-        ("someorg/absent@v2", "(someorg/absent@v2)"),
-        ("no_such_thing", "unknown model 'no_such_thing'"),
-        ("./missing/dir", "model directory ./missing/dir does not exist."),
-        ("", "--model is empty"),
-    ],
-)
-def test_unresolvable_references_say_what_to_do(reference, message):
-    with pytest.raises(UserError) as info:
-        resolve(reference)
-    assert message in info.value.message
-
-
-def test_incomplete_directory_names_what_is_missing(tiny_model, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model, broken)
-    shutil.rmtree(broken / "tokenizer")
-    with pytest.raises(UserError, match="missing tokenizer/"):
-        resolve(str(broken))
-
-
-def test_lora_or_unet_as_model_is_explained(tiny_lora, tiny_unet_variant):
-    with pytest.raises(UserError, match="is a LoRA adapter, not a model; pass it with --lora"):
-        resolve(str(tiny_lora))
-    with pytest.raises(UserError, match="is a UNet alone; pass it with --unet"):
-        resolve(str(tiny_unet_variant / "unet"))
-
-
-def test_parse_lora(tiny_lora):
-    assert parse_lora(str(tiny_lora)) == Adapter(tiny_lora.resolve(), 1.0)
-    assert parse_lora(f"{tiny_lora}:0.3") == Adapter(tiny_lora.resolve(), 0.3)
-    file = tiny_lora / "pytorch_lora_weights.safetensors"
-    assert parse_lora(f"{file}:-1") == Adapter(file.resolve(), -1.0)
 
 
 def test_user_aliases_through_the_cli(cli, tiny_model, tiny_lora):
@@ -146,24 +88,6 @@ def test_corrupt_registry_file_is_named(cli):
     assert f"model registry {path} is not valid" in result.stderr
 
 
-def test_pickle_only_weights_are_refused(cli, tiny_model, inputs, tmp_path):
-    model = tmp_path / "pickled"
-    shutil.copytree(tiny_model, model)
-    (model / "unet" / "diffusion_pytorch_model.safetensors").rename(
-        model / "unet" / "diffusion_pytorch_model.bin"
-    )
-    argv = simulate_argv(
-        inputs["image"], tmp_path / "o", model=model, prompt="x", steps=None, inference_steps=None
-    )
-    result = cli(*argv)
-    assert result.exit_code == 2
-    assert (
-        "has only pickle weights (diffusion_pytorch_model.bin), which can run code when opened; "
-        "convert them to .safetensors, or pass --allow-pickle if you trust the file." in result.stderr
-    )
-    assert not (tmp_path / "o").exists()
-
-
 def test_pull_downloads_only_what_pie_needs(cli, tiny_model, monkeypatch, hf_snapshot):
     import huggingface_hub
 
@@ -189,3 +113,18 @@ def test_pull_refuses_when_offline_or_not_a_repo(cli):
     assert result.exit_code == 2 and "HF_HUB_OFFLINE is set" in result.stderr
     result = cli("models", "pull", "not-a-repo")
     assert result.exit_code == 2 and "is not a built-in alias or a Hugging Face repo id" in result.stderr
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_models_add_keeps_every_alias(tiny_model):
+    from pie_cli.core.registry import load_user_models, user_models_file
+
+    procs = [child("models", "add", f"cxr{i}", tiny_model) for i in range(6)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    assert sorted(load_user_models()) == [f"cxr{i}" for i in range(6)]
+    assert json.loads(user_models_file().read_text())["version"] == 1
+    leftovers = [p.name for p in user_models_file().parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import colour_folder, finetune_argv, simulate_argv
+from tests.helpers import colour_folder, finetune_argv, losses, simulate_argv
 
 FAST = ["--checkpoint-every", "1000"]  # with finetune_argv's 32 px, batches of 2, no data workers
 
 
-@pytest.fixture
-def data(tmp_path) -> Path:
-    return colour_folder(tmp_path / "data")
-
-
 def finetune(cli, data, model, out, *extra):
     return cli(*finetune_argv(data, model, out, *FAST, *extra))
-
-
-def losses(out: Path) -> list[float]:
-    with open(out / "metrics.csv") as fh:
-        return [float(row["loss"]) for row in csv.DictReader(fh)]
 
 
 def unet_output(unet, seed: int = 0) -> torch.Tensor:
@@ -158,62 +147,6 @@ def test_loss_goes_down_on_a_learnable_task(cli, tmp_path, tiny_model, method, l
     assert last < ratio * first, (first, last)
 
 
-def test_resume_after_an_interrupt_equals_an_uninterrupted_run(cli, data, tiny_model, tmp_path, monkeypatch):
-    common = [
-        "--max-steps",
-        "4",
-        "--checkpoint-every",
-        "2",
-        "--lr-scheduler",
-        "cosine",
-        "--lr",
-        "1e-2",
-        "--lora-dropout",
-        "0.1",
-        "--rank",
-        "4",
-        "--train-text-encoder",
-    ]
-    assert finetune(cli, data, tiny_model, tmp_path / "straight", *common).exit_code == 0
-
-    from pie_cli.training import loop
-
-    real_checkpoint = loop.Trainer.checkpoint
-
-    def checkpoint_then_interrupt(self, step):
-        path = real_checkpoint(self, step)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop.Trainer, "checkpoint", checkpoint_then_interrupt)
-    result = finetune(cli, data, tiny_model, tmp_path / "resumed", *common)
-    assert result.exit_code == 130
-    summary = json.loads((tmp_path / "resumed" / "training_summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["step"] == 2
-    monkeypatch.setattr(loop.Trainer, "checkpoint", real_checkpoint)
-
-    result = cli(
-        "finetune", "--out", tmp_path / "resumed", "--resume", "latest"
-    )  # everything else from the run
-    assert result.exit_code == 0, result.output
-    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-
-    from diffusers import StableDiffusionPipeline  # the text-encoder adapter reaches a plain pipeline too
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
-    ids = pipe.tokenizer(["a red square"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        before = pipe.text_encoder(ids)[0]
-        pipe.load_lora_weights(tmp_path / "straight")
-        pipe.text_encoder.eval()
-        assert (pipe.text_encoder(ids)[0] - before).abs().max() > 1e-4
-
-
 def test_cache_latents_gives_the_same_loss_trajectory(cli, data, tiny_model, tmp_path):
     assert finetune(cli, data, tiny_model, tmp_path / "plain", "--max-steps", "5").exit_code == 0
     assert (
@@ -283,46 +216,6 @@ def test_validation_samples_and_progress(cli, data, tiny_model, tmp_path):
     }
     assert Image.open(tmp_path / "v" / "samples" / "step_000002_pie.png").size == (4 * 32, 32)
     assert "finetune 2/2 done in" in result.stderr and "loss " in result.stderr and "lr " in result.stderr
-
-
-def test_config_file_and_flag_precedence(cli, data, tiny_model, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"model: {tiny_model}\nrank: 4\nbatch-size: 3\nlr: 0.002\nmax_steps: 2\n"
-        "validation_prompt: [a red square]\n"
-    )
-    out = tmp_path / "run"
-    result = cli(
-        "finetune",
-        "--config",
-        recipe,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--rank",
-        "2",
-        "--resolution",
-        "32",
-        "--num-workers",
-        "0",
-    )
-    assert result.exit_code == 0, result.output
-    import yaml
-
-    effective = yaml.safe_load((out / "training_config.yaml").read_text())
-    assert (effective["rank"], effective["batch_size"], effective["lr"], effective["max_steps"]) == (
-        2,
-        3,
-        0.002,
-        2,
-    )
-    assert effective["validation_prompt"] == ["a red square"]
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["sources"]["rank"] == "command line" and summary["sources"]["batch_size"] == "config file"
-    assert summary["sources"]["seed"] == "default"
-    first = next(iter(load_file(out / "pytorch_lora_weights.safetensors").values()))
-    assert 2 in first.shape  # rank 2 from the flag, not 4 from the file
 
 
 def test_dry_run_prints_prompts_and_writes_nothing(cli, data, tiny_model, tmp_path):
@@ -433,151 +326,6 @@ def test_non_empty_out_needs_resume_or_overwrite(cli, data, tiny_model, tmp_path
 
 
 # --------------------------------------------------------------------------- data formats
-
-
-def _spec(**kwargs):
-    from pie_cli.training.config import TrainSpec
-
-    return TrainSpec(**kwargs)
-
-
-def test_folder_csv_and_tables(tmp_path):
-    from pie_cli.training.data import load_data
-
-    folder = colour_folder(tmp_path / "csvfolder", n=4, fmt="csv")
-    data = load_data(_spec(data=str(folder)))
-    assert data.format == "folder" and [r.prompt for r in data.records][:2] == [
-        "a red square",
-        "a blue square",
-    ]
-    table = tmp_path / "pairs.jsonl"
-    shutil.copy(folder / "0.png", tmp_path / "x.png")
-    table.write_text(json.dumps({"img": "x.png", "report": "small effusion", "side": "left"}) + "\n")
-    data = load_data(
-        _spec(
-            data=str(table),
-            image_column="img",
-            prompt_template="{instance}, {side} {report}",
-            instance_prompt="A chest X-ray",
-        )
-    )
-    assert data.format == "jsonl" and data.records[0].prompt == "A chest X-ray, left small effusion"
-    assert data.records[0].image == tmp_path / "x.png"
-
-
-def test_chexpert_labels_uncertainty_and_views(tmp_path):
-    from pie_cli.training.data import load_data
-
-    root = tmp_path / "CheXpert-v1.0-small"
-    header = (
-        "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Cardiomegaly,Edema,Pleural Effusion,Support Devices\n"
-    )
-    rows = [
-        "CheXpert-v1.0-small/train/p1/s1/view1_frontal.jpg,F,60,Frontal,AP,,1.0,-1.0,1.0,0.0\n",
-        "CheXpert-v1.0-small/train/p1/s1/view2_lateral.jpg,F,60,Lateral,,,1.0,,,\n",
-        "CheXpert-v1.0-small/train/p2/s1/view1_frontal.jpg,M,40,Frontal,PA,1.0,,,,\n",
-    ]
-    root.mkdir()
-    (root / "train.csv").write_text(header + "".join(rows))
-    for rel in ("p1/s1/view1_frontal.jpg", "p1/s1/view2_lateral.jpg", "p2/s1/view1_frontal.jpg"):
-        (root / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("L", (16, 16)).save(root / "train" / rel)
-    data = load_data(_spec(data=str(root)))
-    assert data.format == "chexpert" and data.skipped == 1
-    assert [r.prompt for r in data.records] == [
-        "A chest X-ray image, Cardiomegaly, Pleural Effusion",
-        "A chest X-ray image, No Finding",
-    ]
-    assert data.records[0].image == root / "train/p1/s1/view1_frontal.jpg"
-    data = load_data(_spec(data=str(root / "train.csv"), uncertain="positive", view="all"))
-    assert data.records[0].prompt == "A chest X-ray image, Cardiomegaly, Edema, Pleural Effusion"
-    assert len(data.records) == 3 and data.records[1].prompt == "A chest X-ray image, Cardiomegaly"
-    lateral = load_data(_spec(data=str(root), view="lateral", prompt_template="{labels} ({Sex}, {Age})"))
-    assert [r.prompt for r in lateral.records] == ["Cardiomegaly (F, 60)"]
-
-
-def test_ham10000_and_eyepacs(tmp_path):
-    from pie_cli.training.data import load_data
-
-    ham = tmp_path / "ham"
-    (ham / "HAM10000_images_part_2").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(ham / "HAM10000_images_part_2" / "ISIC_0024306.jpg")
-    (ham / "HAM10000_metadata.csv").write_text(
-        "lesion_id,image_id,dx,dx_type,age,sex,localization\nHAM_0000118,ISIC_0024306,mel,histo,80.0,male,scalp\n"
-    )
-    data = load_data(_spec(data=str(ham)))
-    assert data.format == "ham10000"
-    assert data.records[0].prompt == "A dermoscopic image of a skin lesion, melanoma"
-
-    dr = tmp_path / "dr"
-    (dr / "train").mkdir(parents=True)
-    for name in ("10_left", "10_right"):
-        Image.new("RGB", (8, 8)).save(dr / "train" / f"{name}.jpeg")
-    (dr / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,4\n")
-    data = load_data(_spec(data=str(dr)))
-    assert data.format == "eyepacs"
-    assert [r.prompt for r in data.records] == [
-        "A fundus photograph, no apparent diabetic retinopathy",
-        "A fundus photograph, proliferative diabetic retinopathy",
-    ]
-
-
-def test_saved_hugging_face_dataset(tmp_path):
-    import datasets
-
-    from pie_cli.training.data import load_data
-
-    ds = datasets.Dataset.from_dict(
-        {"image": [Image.new("RGB", (8, 8), (255, 0, 0))] * 2, "report": ["left effusion", "normal"]},
-        features=datasets.Features({"image": datasets.Image(), "report": datasets.Value("string")}),
-    )
-    ds.save_to_disk(str(tmp_path / "saved"))
-    data = load_data(_spec(data=str(tmp_path / "saved")))
-    assert data.format == "hf" and [r.prompt for r in data.records] == ["left effusion", "normal"]
-    assert data.open(data.records[0]).size == (8, 8)
-
-
-def test_merge_precedence_unit():
-    from pie_cli.training.config import merge
-
-    spec = merge(
-        {"rank": 2, "seed": 7},
-        {"rank"},
-        recipe={"rank": 4, "batch_size": 3},
-        saved={"batch_size": 9, "lr": 0.1},
-    )
-    assert (spec.rank, spec.batch_size, spec.lr, spec.seed) == (2, 3, 0.1, 42)
-    assert spec.sources["rank"] == "command line" and spec.sources["lr"] == "saved run"
-
-
-def test_keep_checkpoints_and_resume_from_a_path(cli, data, tiny_model, tmp_path):
-    out = tmp_path / "run"
-    assert (
-        finetune(
-            cli,
-            data,
-            tiny_model,
-            out,
-            "--max-steps",
-            "3",
-            "--checkpoint-every",
-            "1",
-            "--keep-checkpoints",
-            "2",
-        ).exit_code
-        == 0
-    )
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
-    result = cli("finetune", "--resume", out / "checkpoints" / "step_000002", "--max-steps", "5")
-    assert result.exit_code == 0, result.output  # the run directory is the checkpoint's grandparent
-    assert [int(row) for row in np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=0)] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-    ]
-    assert json.loads((out / "training_summary.json").read_text())["resumed_from"].endswith("step_000002")
 
 
 def test_two_cpu_processes_train_one_run_together(data, tiny_model, tmp_path):

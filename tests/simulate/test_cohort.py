@@ -1,4 +1,4 @@
-"""Batched trajectories, per-step schedules and cohorts through `pie simulate`."""
+"""`pie simulate --cohort CSV`: one case per row, resumable, split over processes."""
 
 from __future__ import annotations
 
@@ -10,129 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import pixels, simulate_argv
+from tests.helpers import frames_of, manifest, simulate_argv
 
 FAST = {"steps": 2, "inference_steps": 6}  # at 64 px on the CPU (simulate_argv)
 
 
 def cohort_argv(cohort: Path, out: Path, *extra, model) -> list:
     return simulate_argv(None, out, "--cohort", cohort, *extra, model=model, prompt=None, **FAST)
-
-
-def test_trajectories_layout_and_equality_with_single_runs(cli, inputs, tiny_model, tmp_path):
-    out = tmp_path / "k3"
-    result = cli(
-        *simulate_argv(
-            inputs["image"],
-            out,
-            "--trajectories",
-            "3",
-            model=tiny_model,
-            mask=inputs["mask"],
-            prompt="effusion",
-            seed=10,
-            **FAST,
-        )
-    )
-    assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {
-        "traj_00",
-        "traj_01",
-        "traj_02",
-        "manifest.json",
-        "mask.png",
-        "uncertainty.png",
-        "mean_final.png",
-    }
-    for k in range(3):
-        names = {p.name for p in (out / f"traj_{k:02d}").iterdir()}
-        assert names == {
-            "frame_000.png",
-            "frame_001.png",
-            "frame_002.png",
-            "mask.png",
-            "progression.gif",
-            "manifest.json",
-        }
-        manifest = json.loads((out / f"traj_{k:02d}" / "manifest.json").read_text())
-        assert manifest["parameters"]["seed"] == 10 + k and manifest["status"] == "complete"
-    top = json.loads((out / "manifest.json").read_text())
-    assert top["trajectories"] == ["traj_00", "traj_01", "traj_02"] and top["status"] == "complete"
-
-    single = tmp_path / "single"
-    result = cli(
-        *simulate_argv(
-            inputs["image"], single, model=tiny_model, mask=inputs["mask"], prompt="effusion", seed=11, **FAST
-        )
-    )
-    assert result.exit_code == 0
-    for n in range(3):
-        a = pixels(Image.open(out / "traj_01" / f"frame_{n:03d}.png"))
-        b = pixels(Image.open(single / f"frame_{n:03d}.png"))
-        assert np.abs(a - b).max() <= 1
-
-    finals = np.stack([pixels(Image.open(out / f"traj_{k:02d}" / "frame_002.png")) for k in range(3)])
-    mean = pixels(Image.open(out / "mean_final.png"))
-    assert np.abs(mean - np.round(finals.mean(axis=0))).max() <= 1
-    assert Image.open(out / "uncertainty.png").size == (64, 64)
-
-    # --overwrite with fewer trajectories leaves no stale traj_ folders behind
-    result = cli(
-        *simulate_argv(inputs["image"], out, "--overwrite", model=tiny_model, prompt="effusion", **FAST)
-    )
-    assert result.exit_code == 0
-    assert not any(p.name.startswith("traj_") for p in out.iterdir())
-
-
-def test_schedules(cli, inputs, tiny_model, tmp_path):
-    schedule = tmp_path / "reports.txt"
-    schedule.write_text(
-        "# a report per step\n1: small left pleural effusion\n2: large left pleural effusion\n"
-    )
-    out = tmp_path / "run"
-    result = cli(
-        *simulate_argv(
-            inputs["image"],
-            out,
-            "--prompt-schedule",
-            schedule,
-            "--strength-schedule",
-            "0.4:0.6",
-            "--guidance-schedule",
-            "5,9",
-            model=tiny_model,
-            mask=inputs["mask"],
-            prompt=None,
-            **FAST,
-        )
-    )
-    assert result.exit_code == 0, result.output
-    params = json.loads((out / "manifest.json").read_text())["parameters"]
-    assert params["prompts"] == ["small left pleural effusion", "large left pleural effusion"]
-    assert params["strengths"] == [0.4, 0.6] and params["guidance_scales"] == [5.0, 9.0]
-
-    (tmp_path / "one.txt").write_text("only one\n")
-    for args, message in (
-        (["--prompt-schedule", tmp_path / "one.txt"], "has 1 prompts but --steps is 2"),
-        (
-            ["--prompt", "x", "--strength-schedule", "0.1,0.2,0.3"],
-            "--strength-schedule '0.1,0.2,0.3' has 3 values",
-        ),
-        (
-            ["--prompt", "x", "--guidance-schedule", "a:b"],
-            "must be a comma list of numbers or a START:END ramp",
-        ),
-        (
-            ["--prompt", "x", "--strength-schedule", "0.5:1.5"],
-            "--strength-schedule must be in (0, 1], got 1.5.",
-        ),
-    ):
-        result = cli(
-            *simulate_argv(inputs["image"], tmp_path / "bad", *args, model=tiny_model, prompt=None, **FAST)
-        )
-        assert result.exit_code == 2, (args, result.output)
-        assert message in result.stderr
-        assert not (tmp_path / "bad").exists()
 
 
 def write_cohort(tmp_path: Path, inputs, rows: list[dict]) -> Path:
@@ -264,3 +148,47 @@ def test_a_cohort_split_over_two_processes_gives_the_same_outputs(cli, inputs, t
                 np.asarray(Image.open(x), dtype=np.int16) - np.asarray(Image.open(y), dtype=np.int16)
             )
             assert diff.max() == 0, f"{case}/{x.name} differs by {diff.max()}"
+
+
+def test_an_interrupted_cohort_goes_on_where_it_stopped(cli, tiny_model, inputs, tmp_path, monkeypatch):
+    import csv
+
+    from pie_cli.runs.writer import RunWriter
+
+    cohort = tmp_path / "cases.csv"
+    with open(cohort, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "mask", "prompt", "out"])
+        writer.writerow([inputs["image"], inputs["mask"], "small effusion", "a"])
+        writer.writerow([inputs["image"], inputs["mask"], "large effusion", "b"])
+
+    def run(out):
+        return simulate_argv(
+            None, out, "--cohort", cohort, model=tiny_model, prompt=None, steps=3, inference_steps=20, seed=7
+        )
+
+    assert cli(*run(tmp_path / "whole")).exit_code == 0
+
+    original = RunWriter.write_frame
+
+    def write_frame(self, n, *a, **k):
+        original(self, n, *a, **k)
+        if self.path.name == "b" and n == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(RunWriter, "write_frame", write_frame)
+        result = cli(*run(out))
+    assert result.exit_code == 130
+    assert "interrupted during cohort case b" in result.stderr and "Rerun the same command" in result.stderr
+    with open(out / "cohort_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["complete", "interrupted"]
+    result = cli(*run(out))
+    assert result.exit_code == 0, result.output
+    with open(out / "cohort_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["skipped (complete)", "complete"]
+    assert manifest(out / "b")["resumed"][0]["after_step"] == 1
+    for case in ("a", "b"):
+        got, want = frames_of(out / case), frames_of(tmp_path / "whole" / case)
+        assert len(got) == 4 and all(np.array_equal(x, y) for x, y in zip(got, want, strict=True))

@@ -1,8 +1,8 @@
-"""`pie finetune` survives SIGKILL, SIGTERM, Ctrl-C and NaNs.
+"""`pie finetune` checkpoints and resume: it survives SIGKILL, SIGTERM, Ctrl-C and NaNs.
 
 Real child processes (``python -m pie_cli finetune``) are killed or signalled mid-training;
-``--resume latest`` then has to give bit-identical weights and the same loss log as one
-uninterrupted run with the same seed and settings.
+``--resume latest`` (or a checkpoint's path) then has to give bit-identical weights and the
+same loss log as one uninterrupted run with the same seed and settings.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import colour_folder, finetune_argv
+from tests.helpers import colour_folder, finetune_argv, losses
 
 MAX_STEPS = 6  # 4 images, batches of 2: an epoch every 2 steps, so resumes cross epochs
 COMMON = (  # with finetune_argv's 32 px, batches of 2, no data workers
@@ -357,3 +358,79 @@ def test_nan_stops_with_exit_1_and_keeps_the_last_good_checkpoint(
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["status"] == "failed" and message in summary["error"]
     assert rows(out) == rows(straight["out"])[: 2 if what == "loss" else 3]
+
+
+# ---------------------------------------------------------------------------- resume in-process
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(cli, data, tiny_model, tmp_path, monkeypatch):
+    common = [
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--lr-scheduler",
+        "cosine",
+        "--lr",
+        "1e-2",
+        "--lora-dropout",
+        "0.1",
+        "--rank",
+        "4",
+        "--train-text-encoder",
+    ]
+    assert cli(*finetune_argv(data, tiny_model, tmp_path / "straight", *common)).exit_code == 0
+
+    from pie_cli.training import loop
+
+    real_checkpoint = loop.Trainer.checkpoint
+
+    def checkpoint_then_interrupt(self, step):
+        path = real_checkpoint(self, step)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop.Trainer, "checkpoint", checkpoint_then_interrupt)
+    result = cli(*finetune_argv(data, tiny_model, tmp_path / "resumed", *common))
+    assert result.exit_code == 130
+    summary = json.loads((tmp_path / "resumed" / "training_summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] == 2
+    monkeypatch.setattr(loop.Trainer, "checkpoint", real_checkpoint)
+
+    result = cli(
+        "finetune", "--out", tmp_path / "resumed", "--resume", "latest"
+    )  # everything else from the run
+    assert result.exit_code == 0, result.output
+    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+    from diffusers import StableDiffusionPipeline  # the text-encoder adapter reaches a plain pipeline too
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    ids = pipe.tokenizer(["a red square"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(tmp_path / "straight")
+        pipe.text_encoder.eval()
+        assert (pipe.text_encoder(ids)[0] - before).abs().max() > 1e-4
+
+
+def test_keep_checkpoints_and_resume_from_a_path(cli, data, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    argv = finetune_argv(
+        data, tiny_model, out, "--checkpoint-every", "1", "--keep-checkpoints", "2", max_steps=3
+    )
+    assert cli(*argv).exit_code == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    result = cli("finetune", "--resume", out / "checkpoints" / "step_000002", "--max-steps", "5")
+    assert result.exit_code == 0, result.output  # the run directory is the checkpoint's grandparent
+    assert [int(row) for row in np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=0)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert json.loads((out / "training_summary.json").read_text())["resumed_from"].endswith("step_000002")
