@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+# The working resolution's limits are geometry, owned by imaging; re-exported beside pie's other limits.
+from pie_cli.imaging.geometry import MAX_RESOLUTION, resolution_problem  # noqa: F401
+
 # Upper bounds that keep a typo from hanging or exhausting the machine (no real run comes near them):
-# SD 1.x schedulers have 1000 training timesteps, 4096 px is 16x SD's working area, and a
-# progression of 10000 frames is far beyond any disease course anyone simulates.
+# SD 1.x schedulers have 1000 training timesteps, and a progression of 10000 frames is far beyond
+# any disease course anyone simulates (the resolution's limit is imaging.media.MAX_RESOLUTION).
 MAX_STEPS = 10_000
 MAX_INFERENCE_STEPS = 1_000
-MAX_RESOLUTION = 4096
 MAX_TRAJECTORIES = 64
 # Seeds: torch generators take any 64-bit value (simulate adds the trajectory index, so stay below 2^63);
 # training also seeds numpy (accelerate's set_seed), whose seeds must be below 2^32.
@@ -25,15 +27,6 @@ MAX_TRAINING_SEED = 2**32
 # Choice lists (the CLI's enums are built from these tuples).
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 SCHEDULER_CHOICES = ("model", "pndm", "ddim", "dpm++", "euler")
-
-
-def resolution_problem(resolution: int) -> str | None:
-    """What is wrong with a working resolution (a multiple of 8 in [8, MAX_RESOLUTION]), or None."""
-    if resolution < 8 or resolution % 8:
-        return f"must be a positive multiple of 8, got {resolution}"
-    if resolution > MAX_RESOLUTION:
-        return f"must be at most {MAX_RESOLUTION}, got {resolution}"
-    return None
 
 
 def denoise_count(inference_steps: int, strength: float) -> int:

@@ -25,7 +25,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -176,6 +176,68 @@ def save_user_models(models: dict[str, UserModel]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"version": 1, "models": {name: asdict(m) for name, m in sorted(models.items())}}
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def add_alias(
+    name: str,
+    target: str,
+    *,
+    base: str | None = None,
+    weight: float = 1.0,
+    force: bool = False,
+    note: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> UserModel:
+    """Register ``name`` for ``target`` (a model, a UNet or a LoRA; the latter two need a base).
+
+    The base of a `pie finetune` output is read from its ``training_config.yaml`` when not
+    given (``note`` says so); a model target that does not resolve offline is registered with
+    a ``warn``ing. The registry is edited under its cross-process lock.
+    """
+    from pie_cli.core.model_files import classify_target, trained_on
+    from pie_cli.imaging.files import writing
+
+    if not ALIAS_NAME.match(name):
+        raise UserError(
+            f"alias {name!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'."
+        )
+    if name in BUILTIN_ALIASES or name in BUILTIN_LOCAL:
+        raise UserError(f"alias {name} is built in; choose another name.")
+    if not math.isfinite(weight):
+        raise UserError(f"--weight must be a finite number, got {weight:g}.")
+    models = load_user_models()
+    if name in models and not force:
+        raise UserError(f"alias {name} already exists ({models[name].target}); pass --force to replace it.")
+    kind = classify_target(target)
+    path = Path(target).expanduser()
+    stored = str(path.resolve()) if path.exists() else target
+    if kind in {"lora", "unet"}:
+        if not base:
+            base = trained_on(path)
+            if base and note is not None:
+                note(f"base model {base} (from {path / 'training_config.yaml'})")
+        if not base:
+            raise UserError(f"{target} is a {kind}; say which model it applies to with --base MODEL.")
+        resolve(base)
+    else:
+        if base:
+            raise UserError(f"--base is only for LoRA adapters and UNets; {target} is a full model.")
+        if (
+            not path.exists()
+            and not REPO_ID.match(target)
+            and target not in BUILTIN_ALIASES
+            and target not in models
+        ):
+            raise UserError(f"{target} does not exist and is not an alias or a repo id.")
+        found = status(target, models)
+        if found.status != "ok" and warn is not None:
+            warn(found.reason or found.detail)
+    entry = UserModel(target=stored, kind=kind, base=base, weight=weight)
+    with writing(user_models_file()), edit_user_models() as current:  # locked: a concurrent add is kept
+        if name in current and name not in models and not force:
+            raise UserError(f"alias {name} was just added by another process; pass --force to replace it.")
+        current[name] = entry
+    return entry
 
 
 # --------------------------------------------------------------------------- resolution

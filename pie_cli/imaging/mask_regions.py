@@ -16,8 +16,9 @@ from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.imaging.auto_masks import HeuristicFailed, auto_mask
+from pie_cli.imaging.geometry import resolution_problem, square_geometry
 from pie_cli.imaging.masks import latent_mask, mask_to_grey
-from pie_cli.imaging.media import MASK_RESAMPLE, fit_square, prepare_image, square_geometry
+from pie_cli.imaging.media import MASK_RESAMPLE, fit_square, prepare_image
 from pie_cli.imaging.morphology import (
     component_sizes,
     dilate,
@@ -52,6 +53,28 @@ class MaskSpec:
     fill_holes: bool = False
     feather: int = 0
     invert: bool = False
+
+    def check(self) -> None:
+        """A ``UserError`` naming the first option out of range (before any image is read)."""
+        from pie_cli.imaging.auto_masks import AUTO_CHOICES
+
+        if not self.has_region():
+            raise UserError(
+                "no region given; use --box, --ellipse, --polygon, --from, --threshold, --otsu or --auto."
+            )
+        for kind in self.auto:
+            if kind not in AUTO_CHOICES:
+                raise UserError(f"--auto {kind!r} is not one of {', '.join(AUTO_CHOICES)}.")
+        problem = resolution_problem(self.resolution)
+        if problem is not None:
+            raise UserError(f"--resolution {problem}.")
+        for name, value in (("--dilate", self.dilate), ("--erode", self.erode), ("--feather", self.feather)):
+            if value < 0:
+                raise UserError(f"{name} must be >= 0 pixels, got {value}.")
+        if self.keep_largest is not None and self.keep_largest < 1:
+            raise UserError(f"--keep-largest must be at least 1, got {self.keep_largest}.")
+        if not 0 < self.level <= 1:
+            raise UserError(f"--level must be in (0, 1], got {self.level:g}.")
 
     def has_region(self) -> bool:
         return bool(

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from pie_cli.errors import UserError
-from pie_cli.imaging.media import MASK_RESAMPLE, MIN_IMAGE_SIDE, SIXTEEN_BIT_MODES, fit_square
+from pie_cli.imaging.geometry import MIN_IMAGE_SIDE
+from pie_cli.imaging.media import MASK_RESAMPLE, SIXTEEN_BIT_MODES, fit_square
 
 
 def mask_to_grey(img: Image.Image, path: Path | str = "mask") -> Image.Image:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pie_cli.errors import UserError
+from pie_cli.imaging.geometry import square_geometry
 
 # Images are resized with Lanczos to the working resolution, for inference and for training alike:
 # the sharpest of PIL's filters, what a reader of a medical image expects, and diffusers' training default.
@@ -20,8 +21,6 @@ IMAGE_RESAMPLE = Image.Resampling.LANCZOS
 # Masks are resized with (antialiased) bilinear, which keeps grey levels meaning
 # "partial edit strength" and the mask's mean coverage.
 MASK_RESAMPLE = Image.Resampling.BILINEAR
-# The smallest image side pie accepts: one 8 x 8 latent cell of Stable Diffusion's VAE.
-MIN_IMAGE_SIDE = 8
 # PIL's 16-bit greyscale modes (byte orders); "I" (32-bit) is handled beside them where it occurs.
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
@@ -135,20 +134,6 @@ def to_rgb8(img: Image.Image) -> Image.Image:
         arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8).convert("RGB")
     return img.convert("RGB")
-
-
-def square_geometry(
-    size: tuple[int, int], resolution: int
-) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """Resized size (short side = resolution) and centre-crop box for an image of ``size``."""
-    w, h = size
-    if w <= h:
-        new = (resolution, max(resolution, round(h * resolution / w)))
-    else:
-        new = (max(resolution, round(w * resolution / h)), resolution)
-    left = (new[0] - resolution) // 2
-    top = (new[1] - resolution) // 2
-    return new, (left, top, left + resolution, top + resolution)
 
 
 def fit_square(img: Image.Image, resolution: int, resample: Image.Resampling = IMAGE_RESAMPLE) -> Image.Image:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pie_cli.imaging.media import IMAGE_RESAMPLE, square_geometry, to_rgb8
+from pie_cli.imaging.geometry import square_geometry
+from pie_cli.imaging.media import IMAGE_RESAMPLE, to_rgb8
 from pie_cli.training.data import Record, TrainingData
 
 

@@ -119,7 +119,6 @@ def make(
     debug: DebugOpt = False,
 ) -> None:
     """Make a mask for IMAGE in `pie simulate`'s geometry: regions are united, then dilate, erode, fill, feather, invert."""
-    from pie_cli.imaging.auto_masks import AUTO_CHOICES
     from pie_cli.imaging.files import check_out_file
     from pie_cli.imaging.mask_regions import MaskSpec, build_mask
     from pie_cli.imaging.masks import mask_to_grey, require_image_size
@@ -143,21 +142,7 @@ def make(
         feather=feather,
         invert=invert,
     )
-    if not spec.has_region():
-        raise UserError(
-            "no region given; use --box, --ellipse, --polygon, --from, --threshold, --otsu or --auto."
-        )
-    for kind in spec.auto:
-        if kind not in AUTO_CHOICES:
-            raise UserError(f"--auto {kind!r} is not one of {', '.join(AUTO_CHOICES)}.")
-    check_resolution(resolution)
-    for name, value in (("--dilate", dilate), ("--erode", erode), ("--feather", feather)):
-        if value < 0:
-            raise UserError(f"{name} must be >= 0 pixels, got {value}.")
-    if keep_largest is not None and keep_largest < 1:
-        raise UserError(f"--keep-largest must be at least 1, got {keep_largest}.")
-    if not 0 < level <= 1:
-        raise UserError(f"--level must be in (0, 1], got {level:g}.")
+    spec.check()
     if preview is not None and preview.resolve() == out_path.resolve():
         raise UserError(f"--preview {preview} is the same file as --out; give it another name.")
     for path, what in ((out_path, "--out"), (preview, "--preview")):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -76,60 +74,11 @@ def add(
     debug: DebugOpt = False,
 ) -> None:
     """Register NAME for TARGET, e.g. a `pie finetune` output (LoRA adapters need --base)."""
-    from pie_cli.core.model_files import classify_target, trained_on
-    from pie_cli.core.registry import (
-        ALIAS_NAME,
-        BUILTIN_ALIASES,
-        BUILTIN_LOCAL,
-        REPO_ID,
-        UserModel,
-        edit_user_models,
-        load_user_models,
-        resolve,
-        status,
-        user_models_file,
-    )
+    from pie_cli.core.registry import add_alias
 
-    if not ALIAS_NAME.match(name):
-        raise UserError(
-            f"alias {name!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'."
-        )
-    if name in BUILTIN_ALIASES or name in BUILTIN_LOCAL:
-        raise UserError(f"alias {name} is built in; choose another name.")
-    if not math.isfinite(weight):
-        raise UserError(f"--weight must be a finite number, got {weight:g}.")
-    models = load_user_models()
-    if name in models and not force:
-        raise UserError(f"alias {name} already exists ({models[name].target}); pass --force to replace it.")
-    kind = classify_target(target)
-    path = Path(target).expanduser()
-    stored = str(path.resolve()) if path.exists() else target
-    if kind in {"lora", "unet"}:
-        if not base:
-            base = trained_on(path)
-            if base:
-                info(f"base model {base} (from {path / 'training_config.yaml'})")
-        if not base:
-            raise UserError(f"{target} is a {kind}; say which model it applies to with --base MODEL.")
-        resolve(base)
-    else:
-        if base:
-            raise UserError(f"--base is only for LoRA adapters and UNets; {target} is a full model.")
-        if (
-            not path.exists()
-            and not REPO_ID.match(target)
-            and target not in BUILTIN_ALIASES
-            and target not in models
-        ):
-            raise UserError(f"{target} does not exist and is not an alias or a repo id.")
-        found = status(target, models)
-        if found.status != "ok":
-            warn(found.reason or found.detail)
-    with writing(user_models_file()), edit_user_models() as current:  # locked: a concurrent add is kept
-        if name in current and name not in models and not force:
-            raise UserError(f"alias {name} was just added by another process; pass --force to replace it.")
-        current[name] = UserModel(target=stored, kind=kind, base=base, weight=weight)
-    info(f"added {name} -> {stored} ({kind}{', on ' + base if base else ''})")
+    added = add_alias(name, target, base=base, weight=weight, force=force, note=info, warn=warn)
+    base_note = f", on {added.base}" if added.base else ""
+    info(f"added {name} -> {added.target} ({added.kind}{base_note})")
 
 
 @models_app.command("remove")
