@@ -155,3 +155,34 @@ def test_a_back_edge_is_caught(tmp_path, relative, code, rule):
     (copy / relative).write_text(code, encoding="utf-8")
     found = problems(copy)
     assert len(found) == 1 and found[0].startswith(f"pie_cli/{relative}:") and rule in found[0], found
+
+
+def test_services_print_nothing_and_return_results(tiny_model, inputs, tmp_path, capfd):
+    """Rule 1 in behaviour: called from Python, every service is silent and hands back data."""
+    from pie_cli import SimulateSpec, run_simulation
+    from pie_cli.doctor.checks import collect
+    from pie_cli.evaluation.evaluate import evaluate_run
+    from pie_cli.training import runner
+    from pie_cli.training.config import OPTION_NAMES, TrainSpec
+    from tests.helpers import colour_folder
+
+    spec = SimulateSpec(inputs["image"], "effusion", inputs["mask"], str(tiny_model), tmp_path / "run")
+    spec = spec.with_values(steps=1, inference_steps=4, resolution=64, device="cpu")
+    done = run_simulation(spec)
+    assert (
+        done.out == tmp_path / "run" and done.steps == 1 and done.gif == tmp_path / "run" / "progression.gif"
+    )
+    evaluation = evaluate_run(done.out)
+    assert [m.index for m in evaluation.metrics] == [0, 1] and all(p.is_file() for p in evaluation.written)
+    report = collect()
+    assert report["pie"] and report["versions"]["torch"] and isinstance(report["problems"], list)
+    flags = {
+        "data": str(colour_folder(tmp_path / "data")),
+        "model": str(tiny_model),
+        "out": str(tmp_path / "ft"),
+    }
+    defaults = {name: getattr(TrainSpec(), name) for name in OPTION_NAMES}
+    plan = runner.plan({**defaults, **flags}, dict.fromkeys(flags, "command line"))
+    assert len(plan.data.records) == 8 and plan.checkpoint is None and not (tmp_path / "ft").exists()
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""

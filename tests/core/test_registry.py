@@ -77,3 +77,51 @@ def test_parse_lora(tiny_lora):
     assert parse_lora(f"{tiny_lora}:0.3") == Adapter(tiny_lora.resolve(), 0.3)
     file = tiny_lora / "pytorch_lora_weights.safetensors"
     assert parse_lora(f"{file}:-1") == Adapter(file.resolve(), -1.0)
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "NaN"])
+def test_a_lora_weight_must_be_finite(tiny_lora, weight):
+    """`--lora PATH:nan` is refused up front, like `pie models add --weight nan` (it used to fail a whole
+    step later as a numerical error advising --dtype fp32)."""
+    with pytest.raises(UserError) as caught:
+        parse_lora(f"{tiny_lora}:{weight}")
+    assert "the weight must be a finite number" in str(caught.value)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.8, 0.123456789, 1e-9, -0.5])
+def test_an_adapter_is_recorded_so_that_it_reads_back_exactly(tiny_lora, weight):
+    """The manifest's `PATH:WEIGHT` reads back as the same adapter (--resume must not round the weight)."""
+    adapter = parse_lora(f"{tiny_lora}:{weight!r}")
+    assert adapter.file == tiny_lora.resolve() / "pytorch_lora_weights.safetensors"
+    again = parse_lora(adapter.spec())
+    assert again == adapter and again.weight == weight and again.file == adapter.file
+
+
+def test_unet_and_loras_are_merged_into_the_source_once(tiny_model, tiny_lora, tiny_unet_variant, cli):
+    """An alias's own LoRA comes first, --lora ones after it; --unet replaces the UNet; describe() records both."""
+    from pie_cli.core.model_files import resolve_unet_path
+
+    assert cli("models", "add", "fx", tiny_lora, "--base", str(tiny_model), "--weight", "0.5").exit_code == 0
+    extra = parse_lora(f"{tiny_lora}:0.25")
+    unet = resolve_unet_path(tiny_unet_variant)
+    source = resolve("fx").with_overrides(unet=unet, loras=(extra,))
+    assert [a.weight for a in source.loras] == [0.5, 0.25]
+    assert source.unet == unet
+    described = source.describe()
+    assert described["loras"] == [f"{tiny_lora.resolve()}:0.5", f"{tiny_lora.resolve()}:0.25"]
+    assert described["unet"] == str(unet)
+    assert resolve("fx").with_overrides().loras == resolve("fx").loras  # nothing given, nothing changed
+
+
+def test_an_uncached_repo_says_what_to_pull():
+    from pie_cli.core.registry import ModelNotCached, status
+
+    with pytest.raises(ModelNotCached) as caught:
+        resolve("someorg/absent@v2")
+    assert (caught.value.repo_id, caught.value.revision, caught.value.pull) == (
+        "someorg/absent",
+        "v2",
+        "someorg/absent@v2",
+    )
+    found = status("sd-v1-5")
+    assert found.status == "not cached" and "pie models pull sd-v1-5" in found.detail

@@ -58,3 +58,43 @@ def test_config_file_and_flag_precedence(cli, data, tiny_model, tmp_path):
     assert summary["sources"]["seed"] == "default"
     first = next(iter(load_file(out / "pytorch_lora_weights.safetensors").values()))
     assert 2 in first.shape  # rank 2 from the flag, not 4 from the file
+
+
+def test_the_shared_environment_variables_reach_finetune(cli, data, tiny_model, tmp_path, monkeypatch):
+    """`$PIE_MODEL` and `$PIE_SEED` mean for finetune what they mean for simulate, and their source is recorded."""
+    from tests.helpers import finetune_argv
+
+    out = tmp_path / "run"
+    argv = [a for a in finetune_argv(data, tiny_model, out, max_steps=1) if a not in ("--model", tiny_model)]
+    result = cli(*argv, "--dry-run")  # without $PIE_MODEL the default sd-v1-5 is not in the (empty) cache
+    assert result.exit_code == 2 and "sd-v1-5" in result.stderr, result.output
+    monkeypatch.setenv("PIE_MODEL", str(tiny_model))
+    monkeypatch.setenv("PIE_SEED", "7")
+    result = cli(*argv)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["sources"]["model"] == "environment ($PIE_MODEL)"
+    assert summary["sources"]["seed"] == "environment ($PIE_SEED)"
+    assert summary["model"]["path"] == str(tiny_model.resolve())
+    import yaml
+
+    assert yaml.safe_load((out / "training_config.yaml").read_text())["seed"] == 7
+
+
+def test_the_summary_names_no_command_line_and_no_input_path(cli, tiny_model, tmp_path):
+    """Like a simulate manifest: folder and file names often carry patient IDs."""
+    from tests.helpers import colour_folder, finetune_argv
+
+    data = colour_folder(tmp_path / "MRN-0042-images")
+    out = tmp_path / "run"
+    result = cli(*finetune_argv(data, tiny_model, out, "--checkpoint-every", "1", max_steps=2))
+    assert result.exit_code == 0, result.output
+    text = (out / "training_summary.json").read_text()
+    summary = json.loads(text)
+    assert "argv" not in summary and "MRN-0042" not in text
+    assert summary["data"] == {"format": "folder", "examples": 8}
+    assert summary["weights"] == "pytorch_lora_weights.safetensors"
+    resumed = cli("finetune", "--out", out, "--resume", "latest", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["resumed_from"] == "checkpoints/step_000002"
