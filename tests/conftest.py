@@ -1,9 +1,9 @@
-"""Shared fixtures: hermetic user/HF directories, one tiny SD model per session,
-inputs, a CLI runner, a fake Hugging Face cache.
+"""Shared fixtures: hermetic user/HF directories, Ctrl-C semantics, one tiny SD model per session,
+inputs, a CLI runner, a fake Hugging Face cache, child processes.
 
 The layout mirrors ``pie_cli/`` (one file per command or subsystem); plain helpers (images,
-the tiny ``simulate_argv``/``finetune_argv`` command lines, ``colour_folder``) live in
-``tests/helpers.py``::
+the tiny ``simulate_argv``/``finetune_argv`` command lines, ``colour_folder``, the ``Child``
+process and its ``PARK`` shim) live in ``tests/helpers.py``::
 
     conftest.py, helpers.py
     test_architecture.py     the layer rules of docs/ARCHITECTURE.md, on the import graph
@@ -17,8 +17,8 @@ the tiny ``simulate_argv``/``finetune_argv`` command lines, ``colour_folder``) l
                  16-bit PNG/TIFF input)
     runs/        test_locks.py (.pie.lock)
     simulate/    test_simulate.py (one run end to end: files, manifest, schedules, provenance,
-                 failures), test_trajectories.py, test_cohort.py, test_resume.py (signals,
-                 kills, --resume)
+                 failures), test_spec.py (one parameter definition, one validated builder),
+                 test_trajectories.py, test_cohort.py, test_resume.py (signals, kills, --resume)
     training/    conftest.py (the ``data`` folder), test_finetune.py (LoRA and full training, their
                  outputs, options, bad input, torchrun), test_data.py (dataset formats),
                  test_config.py (recipes, precedence), test_checkpoints.py (kills, signals,
@@ -41,19 +41,26 @@ Hidden shared state (what one test can leave for the next):
   inside *one* test share them.
 - Module-scoped reference runs (``reference`` in simulate/test_resume.py, ``straight`` in
   training/test_checkpoints.py) are built by whichever test asks first.
+
+Signals: ``terminal_signals`` gives every test SIGINT's default Python handler (Ctrl-C raises
+``KeyboardInterrupt``) even when pytest was started with SIGINT ignored (a background job of
+a non-interactive shell, ``nohup``, some CI runners); every child a test starts resets SIGINT
+and SIGTERM to their defaults before exec (``helpers.reset_signals``). Tests that signal a
+child park it at a known point first (``helpers.PARK``) and never race it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pie_cli.cli.app import app
-from tests.helpers import HF_COMMIT
+from tests.helpers import HF_COMMIT, Child
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +79,24 @@ def hermetic_env(tmp_path_factory, monkeypatch):
     ui.debug, ui.quiet, ui.progress = False, False, "auto"
     yield
     _reset_accelerate()
+
+
+@pytest.fixture(autouse=True)
+def terminal_signals():
+    """Ctrl-C semantics for every test, even when pytest itself was started with SIGINT ignored.
+
+    SIGINT gets Python's default handler (``KeyboardInterrupt``) and an ignored SIGTERM its
+    default; both are restored after the test. A child started meanwhile gets SIG_DFL by exec.
+    """
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.getsignal(signal.SIGTERM),
+    }
+    if previous[signal.SIGTERM] == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _reset_accelerate() -> None:
@@ -190,3 +215,17 @@ def hf_snapshot():
         return snapshot
 
     return put
+
+
+@pytest.fixture
+def child(tmp_path):
+    """Start ``pie ARGV`` in a child process (``helpers.Child``); whatever still runs is killed after the test."""
+    started: list[Child] = []
+
+    def start(argv: list, park: str | None = None, **popen) -> Child:
+        started.append(Child(argv, tmp_path / f"child{len(started)}", park=park, **popen))
+        return started[-1]
+
+    yield start
+    for c in started:
+        c.close()

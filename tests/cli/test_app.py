@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from pie_cli import __version__
+from tests.helpers import reset_signals
 
 COMMANDS = [
     [],
@@ -47,7 +48,11 @@ def test_version(cli):
 
 def test_python_dash_m_entry_point():
     proc = subprocess.run(
-        [sys.executable, "-m", "pie_cli", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "pie_cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=reset_signals,
     )
     assert proc.stdout.strip() == f"pie {__version__}"
 
@@ -76,7 +81,9 @@ def test_light_commands_do_not_import_torch(argv):
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules)\n"
         "print('HEAVY:' + ','.join(heavy))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, preexec_fn=reset_signals
+    )
     assert proc.stdout.strip().endswith("HEAVY:")
 
 
@@ -103,7 +110,9 @@ def test_mask_and_export_never_import_torch(tmp_path):
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules)\n"
         "print('HEAVY:' + ','.join(heavy))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=reset_signals
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("HEAVY:"), proc.stdout[-300:]
     assert (tmp_path / "a.gif").exists() and (tmp_path / "p.png").exists()

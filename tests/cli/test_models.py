@@ -4,23 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from pie_cli.core.registry import Adapter, resolve
 from tests.helpers import HF_COMMIT, simulate_argv
-
-
-def child(*argv) -> subprocess.Popen:
-    """`pie` in a child process (same hermetic environment as the test)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "pie_cli", "--progress", "off", *map(str, argv)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
 
 
 def test_user_aliases_through_the_cli(cli, tiny_model, tiny_lora):
@@ -118,11 +105,19 @@ def test_pull_refuses_when_offline_or_not_a_repo(cli):
 # --------------------------------------------------------------------------- concurrency
 
 
-def test_concurrent_models_add_keeps_every_alias(tiny_model):
+def test_concurrent_models_add_keeps_every_alias(tiny_model, child):
+    """Six `pie models add` at once really contend: the test holds the registry's lock until every
+    child has reached it (each parks on entering edit_user_models and says so), then lets go."""
+    from filelock import FileLock
+
     from pie_cli.core.registry import load_user_models, user_models_file
 
-    procs = [child("models", "add", f"cxr{i}", tiny_model) for i in range(6)]
-    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    with FileLock(str(user_models_file()) + ".lock"):
+        procs = [child(["models", "add", f"cxr{i}", tiny_model], park="registry") for i in range(6)]
+        for p in procs:
+            p.wait_parked()  # at the lock, which the test holds: nobody has written yet
+        assert not user_models_file().exists()
+    results = [(p.wait(timeout=120), p.stderr) for p in procs]
     assert all(code == 0 for code, _ in results), results
     assert sorted(load_user_models()) == [f"cxr{i}" for i in range(6)]
     assert json.loads(user_models_file().read_text())["version"] == 1

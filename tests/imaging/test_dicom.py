@@ -13,7 +13,7 @@ from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.imaging.media import open_image, to_rgb8
-from tests.helpers import simulate_argv
+from tests.helpers import reset_signals, simulate_argv
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -460,4 +460,4 @@ def test_pydicom_is_not_imported_by_the_cli_or_for_png(tmp_path):
         f"open_image({str(png)!r}); "
         "assert 'pydicom' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, preexec_fn=reset_signals)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import frames_of, manifest, simulate_argv
+from tests.helpers import frames_of, manifest, reset_signals, simulate_argv
 
 FAST = {"steps": 2, "inference_steps": 6}  # at 64 px on the CPU (simulate_argv)
 
@@ -129,6 +129,7 @@ def test_a_cohort_split_over_two_processes_gives_the_same_outputs(cli, inputs, t
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
+        preexec_fn=reset_signals,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("cohort: ") == 2  # both processes ran cases

@@ -11,14 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import frames_of, manifest, pixels, simulate_argv
+from tests.helpers import frames_of, manifest, pixels, reset_signals, simulate_argv
 
 STEPS = 6
 FAST = {"inference_steps": 20, "seed": 7}  # at 64 px on the CPU (simulate_argv)
@@ -28,32 +26,6 @@ def args(tiny_model, inputs, out, *extra):
     return simulate_argv(
         inputs["image"], out, *extra, model=tiny_model, mask=inputs["mask"], steps=STEPS, **FAST
     )
-
-
-def child(*argv) -> subprocess.Popen:
-    """`pie` in a child process (same hermetic environment as the test)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "pie_cli", "--progress", "off", *map(str, argv)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
-
-
-def wait_for_frame(run: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:
-    """Until the manifest says frame ``n`` is whole (the child is then somewhere in step n+1)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
-        try:
-            if manifest(run).get("last_complete_frame", -1) >= n:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"frame {n} never appeared")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +41,7 @@ def reference(tmp_path_factory, tiny_model, phantom):
         [sys.executable, "-m", "pie_cli", "--progress", "off", *map(str, args(tiny_model, paths, out))],
         capture_output=True,
         text=True,
+        preexec_fn=reset_signals,  # module-scoped: may run before terminal_signals
     )
     assert proc.returncode == 0, proc.stderr
     return paths, out
@@ -76,24 +49,27 @@ def reference(tmp_path_factory, tiny_model, phantom):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_run_keeps_whole_frames_and_resume_is_bit_identical(
-    cli, tiny_model, reference, tmp_path, sig
+    cli, child, tiny_model, reference, tmp_path, sig
 ):
+    """The child is parked right after frame 2 is written and counted; the signal lands there."""
     paths, ref = reference
     out = tmp_path / "run"
-    proc = child(*args(tiny_model, paths, out))
-    wait_for_frame(out, proc, 2)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    run = child(args(tiny_model, paths, out), park="frame:2")
+    run.wait_parked()
+    run.send_signal(sig)
+    run.release()
+    assert run.wait(timeout=120) == 130, run.stderr
+    stderr = run.stderr
 
-    assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert f"Continue with: pie simulate --resume --out {out}" in stderr
     m = manifest(out)
     assert m["status"] == "interrupted"
     done = m["last_complete_frame"]
-    assert 2 <= done < STEPS
+    assert done == 2
     names = sorted(p.name for p in out.glob("frame_*.png"))
-    assert names == [f"frame_{n:03d}.png" for n in range(done + 1)]  # whole frames only, no more
+    assert names == [f"frame_{n:03d}.png" for n in range(done + 1)]  # whole, counted frames only
+    assert not (out / "frame_003.png").exists()
     assert not list(out.rglob("*.tmp")) and not (out / ".pie.lock").exists()
     assert not (out / "progression.gif").exists()
 
@@ -111,17 +87,19 @@ def test_a_signal_mid_run_keeps_whole_frames_and_resume_is_bit_identical(
 
 
 def test_sigkill_leaves_a_resumable_run_and_its_stale_lock_is_taken_over(
-    cli, tiny_model, reference, tmp_path
+    cli, child, tiny_model, reference, tmp_path
 ):
+    """The child is parked right after frame 1; SIGKILL then stops it there, no handler runs."""
     paths, ref = reference
     out = tmp_path / "run"
-    proc = child(*args(tiny_model, paths, out))
-    wait_for_frame(out, proc, 1)
-    proc.kill()  # SIGKILL: no handler runs
-    proc.communicate(timeout=60)
+    run = child(args(tiny_model, paths, out), park="frame:1")
+    run.wait_parked()
+    run.send_signal(signal.SIGKILL)
+    assert run.wait(timeout=60) == -signal.SIGKILL
     m = manifest(out)
     assert m["status"] == "running"  # nobody could say otherwise
-    assert json.loads((out / ".pie.lock").read_text())["pid"] == proc.pid
+    assert m["last_complete_frame"] == 1
+    assert json.loads((out / ".pie.lock").read_text())["pid"] == run.pid
 
     # A new run into the same directory is refused (not empty) ...
     again = cli(*args(tiny_model, paths, out))
@@ -129,14 +107,14 @@ def test_sigkill_leaves_a_resumable_run_and_its_stale_lock_is_taken_over(
     # ... and --resume takes the dead process's lock over, with a warning.
     result = cli("simulate", "--resume", "--out", out)
     assert result.exit_code == 0, result.output
-    assert f"stale lock in {out} left by pid {proc.pid}" in result.stderr
+    assert f"stale lock in {out} left by pid {run.pid}" in result.stderr
     for n, (a, b) in enumerate(zip(frames_of(out), frames_of(ref), strict=True)):
         assert np.array_equal(a, b), f"frame {n} differs from the uninterrupted run"
     assert not (out / ".pie.lock").exists()
 
 
 def interrupt_after(monkeypatch, frame: int) -> None:
-    """Ctrl-C right after frame ``frame`` is written (in-process)."""
+    """Ctrl-C right after frame ``frame`` is written (in-process, exactly there: no signal to deliver)."""
     from pie_cli.runs.writer import RunWriter
 
     original = RunWriter.write_frame
@@ -147,6 +125,38 @@ def interrupt_after(monkeypatch, frame: int) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RunWriter, "write_frame", write_frame)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_in_process_stop_exactly_after_the_frame_where_sent(
+    cli, terminal_signals, tiny_model, reference, tmp_path, monkeypatch, sig
+):
+    """A real signal (so SIGTERM goes through terminate_as_interrupt), sent from the main thread
+    right after frame 2: CPython runs the handler before os.kill returns, so the run stops there."""
+    from pie_cli.runs.writer import RunWriter
+
+    paths, ref = reference
+    original = RunWriter.write_frame
+
+    def write_frame(self, n, *a, **k):
+        original(self, n, *a, **k)
+        if n == 2:
+            os.kill(os.getpid(), sig)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(RunWriter, "write_frame", write_frame)
+        result = cli(*args(tiny_model, paths, out))
+    assert result.exit_code == 130, result.output
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+    assert f"Continue with: pie simulate --resume --out {out}" in result.stderr
+    assert manifest(out)["status"] == "interrupted" and manifest(out)["last_complete_frame"] == 2
+    assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{n:03d}.png" for n in range(3)]
+    result = cli("simulate", "--resume", "--out", out)
+    assert result.exit_code == 0, result.output
+    for n, (a, b) in enumerate(zip(frames_of(out), frames_of(ref), strict=True)):
+        assert np.array_equal(a, b), f"frame {n} differs from the uninterrupted run"
 
 
 def test_trajectories_and_watermark_resume_bit_identical(cli, tiny_model, inputs, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pie_cli.imaging.media import prepare_image
-from tests.helpers import frames_of, manifest, pixels, simulate_argv
+from tests.helpers import frames_of, manifest, pixels, reset_signals, simulate_argv
 
 FAST = {"steps": 3, "inference_steps": 10}  # at 64 px on the CPU (simulate_argv)
 SEEDED = {"inference_steps": 20, "seed": 7}  # the provenance and numerical-safety runs
@@ -87,7 +87,7 @@ def test_python_dash_m_writes_the_same_files(inputs, tiny_model, tmp_path):
         **FAST,
     )
     cmd = [sys.executable, "-m", "pie_cli", *map(str, argv)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=reset_signals)
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
     assert proc.stdout.strip() == str(out)

@@ -11,10 +11,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -97,84 +93,6 @@ def straight(cli, tiny_model, tmp_path_factory, _cache) -> dict:
     return _cache
 
 
-@contextmanager
-def _sigint_not_ignored():
-    """A child inherits an ignored SIGINT (pytest started as a background job) and Python then
-    keeps ignoring it; a handled one is reset to the default by exec, as from a terminal."""
-    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    if ignored:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        if ignored:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class Child:
-    """``python -m pie_cli ARGS`` in a child process with the test's environment."""
-
-    def __init__(self, tmp_path: Path, args: list, **popen) -> None:
-        self.stderr_path = tmp_path / "child.stderr"
-        with (
-            open(self.stderr_path, "w") as err,
-            open(tmp_path / "child.stdout", "w") as out,
-            _sigint_not_ignored(),
-        ):
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pie_cli", *map(str, args)],
-                env=os.environ.copy(),  # PIE_HOME, HF_HOME, offline: set by conftest
-                stdout=out,
-                stderr=err,
-                **popen,
-            )
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def wait_until(self, condition, what: str, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                pytest.fail(f"finetune exited ({self.proc.returncode}) before {what}:\n{self.stderr}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} within {timeout} s:\n{self.stderr}")
-            time.sleep(0.01)
-
-    def wait(self, timeout: float = 240) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def child(tmp_path):
-    started: list[Child] = []
-
-    def start(args: list, **popen) -> Child:
-        started.append(Child(tmp_path, args, **popen))
-        return started[-1]
-
-    yield start
-    for c in started:
-        c.close()
-
-
-def past_a_checkpoint(out: Path):
-    """True once a complete checkpoint exists and training went on beyond it."""
-    from pie_cli.training.checkpoints import checkpoint_step, latest_checkpoint
-
-    def check() -> bool:
-        good = latest_checkpoint(out)
-        return good is not None and last_step(out) > (checkpoint_step(good) or 0)
-
-    return check
-
-
 def resume_and_compare(cli, out: Path, straight: dict, *extra: str):
     from pie_cli.training.checkpoints import checkpoint_step, latest_checkpoint
 
@@ -197,14 +115,15 @@ def test_sigkill_then_resume_latest_is_bit_identical(cli, child, straight, tiny_
     from pie_cli.training.checkpoints import COMPLETE, checkpoint_step, is_complete, latest_checkpoint
 
     out = tmp_path / "run"
-    run = child(finetune_argv(straight["data"], tiny_model, out, *COMMON))
-    run.wait_until(past_a_checkpoint(out), "a checkpoint followed by more steps")
-    run.proc.send_signal(signal.SIGKILL)  # no handler, no cleanup
+    # parked while computing step 4: step 2 is checkpointed and step 3 done after it
+    run = child(finetune_argv(straight["data"], tiny_model, out, *COMMON), park="step:3")
+    run.wait_parked()
+    run.send_signal(signal.SIGKILL)  # no handler, no cleanup
     assert run.wait() == -signal.SIGKILL
     good = latest_checkpoint(out)
     assert good is not None and is_complete(good)
     step = checkpoint_step(good)
-    assert 2 <= step < last_step(out) and not (out / WEIGHTS).exists()
+    assert step == 2 and last_step(out) == 3 and not (out / WEIGHTS).exists()
 
     # What a kill *while saving* leaves: by an older pie, step_N itself with a truncated file and
     # no marker; by this one, a temporary folder; and a temporary file of an atomic write.
@@ -249,22 +168,25 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_bit_identical(
 
     out = tmp_path / "run"
     args = finetune_argv(straight["data"], tiny_model, out, *COMMON)
+    # parked while computing step 4 (step 2 checkpointed, step 3 done): the signal lands there
     if how == "SIGTERM":  # e.g. `kill PID`, a scheduler's preemption
-        run = child(args)
+        run = child(args, park="step:3")
         name = "SIGTERM"
     else:  # a terminal's Ctrl-C: SIGINT to the whole process group, data worker included
-        run = child([*args, "--num-workers", "1"], start_new_session=True)
+        run = child([*args, "--num-workers", "1"], park="step:3", start_new_session=True)
         name = "SIGINT"
-    run.wait_until(past_a_checkpoint(out), "a checkpoint followed by more steps")
+    run.wait_parked()
     if how == "SIGTERM":
-        run.proc.send_signal(signal.SIGTERM)
+        run.send_signal(signal.SIGTERM)
     else:
-        os.killpg(run.proc.pid, signal.SIGINT)
-    assert run.wait() == 130
+        os.killpg(run.pid, signal.SIGINT)
+    run.release()
+    assert run.wait() == 130, run.stderr
     stderr = run.stderr
     assert "Traceback" not in stderr, stderr
     # the loop finished its step and saved it: nothing to redo on resume
     step = last_step(out)
+    assert step == 4
     good = latest_checkpoint(out)
     assert good is not None and is_complete(good) and checkpoint_step(good) == step < MAX_STEPS
     assert f"stopped by {name} at step {step} of {MAX_STEPS}; saved checkpoint {good}." in stderr
@@ -279,11 +201,12 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_bit_identical(
 
 
 def test_signals_in_process_stop_exactly_where_sent_and_resume_is_bit_identical(
-    cli, straight, tiny_model, tmp_path, monkeypatch
+    cli, terminal_signals, straight, tiny_model, tmp_path, monkeypatch
 ):
     """Deterministic: one SIGTERM while step 3 is computed stops after step 3 with its own
     checkpoint (resume mid-epoch); two SIGINTs while step 5 is computed interrupt at once, and
-    the resume redoes step 5 from checkpoint 4 (an epoch boundary)."""
+    the resume redoes step 5 from checkpoint 4 (an epoch boundary). ``terminal_signals`` makes
+    SIGINT raise even when pytest runs with it ignored (StopSignals leaves an ignored signal be)."""
     from pie_cli.training import loop
 
     real_loss = loop.Trainer.loss

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import colour_folder, finetune_argv, losses, simulate_argv
+from tests.helpers import colour_folder, finetune_argv, losses, reset_signals, simulate_argv
 
 FAST = ["--checkpoint-every", "1000"]  # with finetune_argv's 32 px, batches of 2, no data workers
 
@@ -345,6 +345,7 @@ def test_two_cpu_processes_train_one_run_together(data, tiny_model, tmp_path):
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
+        preexec_fn=reset_signals,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
