@@ -1,0 +1,212 @@
+"""``manifest.json``: the one owner of a run folder's schema.
+
+A simulate manifest says what made the run and how far it got::
+
+    pie_version, command ("simulate"), synthetic (true),
+    parameters   every PIE parameter as given (and the schedules' parsed values),
+    model        the resolved model: path, origin, repo and revision, UNet, LoRA adapters,
+    run          how the model and device were asked for (what --resume needs to rebuild it),
+    scheduler    class, timesteps of step 1, UNet calls per step,
+    inputs       image and mask identified by SHA-256 and pixel geometry (never by path),
+    placement, environment, outputs,
+    run_id, status (running | complete | failed | interrupted), frames (index, file, seconds,
+    sha256), last_complete_frame, rng_states (while unfinished), started, finished, resumed.
+
+This module builds and reads it, derives the run id, encodes generator states, and names
+every file pie writes in a run folder (the only files ``--overwrite`` replaces).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pie_cli.errors import UserError
+
+MANIFEST = "manifest.json"
+MASK = "mask.png"
+GIF = "progression.gif"
+UNCERTAINTY = "uncertainty.png"
+MEAN_FINAL = "mean_final.png"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+REPORT = "report.png"
+COHORT_SUMMARY = "cohort_summary.csv"
+RESUME_DIR = ".resume"  # clean (unwatermarked) frames a run continues from
+
+# Files pie itself writes in a run folder, and its sub-folders; --overwrite removes these and nothing else.
+PIE_FILES = re.compile(
+    r"^(frame_\d{3,}\.png|"
+    + "|".join(re.escape(n) for n in (MASK, GIF, MANIFEST, UNCERTAINTY, MEAN_FINAL, METRICS_JSON, METRICS_CSV, REPORT))
+    + r"|\..+\.\d+\.tmp)$"
+)
+PIE_DIRS = re.compile(r"^(traj_\d{2,}|" + re.escape(RESUME_DIR) + r")$")
+# Packages whose versions a manifest records.
+RECORDED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pillow")
+
+
+def frame_name(n: int) -> str:
+    return f"frame_{n:03d}.png"
+
+
+def trajectory_dir(k: int) -> str:
+    return f"traj_{k:02d}"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build(
+    *,
+    parameters: dict[str, Any],
+    model: dict[str, Any],
+    run: dict[str, Any],
+    scheduler: dict[str, Any],
+    inputs: dict[str, Any],
+    placement: dict[str, Any],
+    environment: dict[str, Any],
+    steps: int,
+) -> dict[str, Any]:
+    """A new simulate manifest, before its first frame (the writer adds status, frames and run id)."""
+    from pie_cli import __version__
+
+    return {
+        "pie_version": __version__,
+        "command": "simulate",
+        "synthetic": True,
+        "parameters": parameters,
+        "model": model,
+        "run": run,
+        "scheduler": scheduler,
+        "inputs": inputs,
+        "placement": placement,
+        "environment": environment,
+        "outputs": {"frames": [frame_name(0), frame_name(steps)]},
+    }
+
+
+def input_record(image_path: Path, image: Any, mask_path: Path | None) -> dict[str, Any]:
+    """How a manifest identifies its inputs: content hash and pixel geometry only.
+
+    No paths and no command line: file and folder names often carry patient names or IDs.
+    """
+    return {
+        "image_sha256": file_sha256(image_path),
+        "image_size": list(image.size),
+        "image_mode": image.mode,
+        "mask": mask_path is not None,
+        "mask_sha256": file_sha256(mask_path) if mask_path else None,
+    }
+
+
+def environment(device_type: str, device: Any = None) -> dict[str, Any]:
+    """Python, platform, the recorded packages' versions, and the GPU or CPU threads used."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in RECORDED_PACKAGES:
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            env[pkg] = None
+    if device_type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def run_id(manifest: dict[str, Any]) -> str:
+    """A short hash of what defines a run (parameters, model, inputs): the same run, the same id."""
+    core = {k: manifest.get(k) for k in ("parameters", "model", "inputs")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_state(state: Any) -> str:
+    """A torch CPU generator state (uint8 tensor) as base64 text for the manifest."""
+    return base64.b64encode(bytes(state.numpy().tobytes())).decode("ascii")
+
+
+def decode_state(text: str) -> Any:
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read(directory: Path, what: str) -> dict[str, Any] | None:
+    """The manifest of the run in ``directory`` (None when there is none).
+
+    ``what`` names the file's role in messages (``--resume``, ``RUN_DIR``); a file that is not a
+    JSON object is a ``UserError``.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{what}: {path} is not readable JSON ({detail}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what}: {path} is not a pie manifest (not a JSON object).")
+    return data
+
+
+def status_of(directory: Path) -> str | None:
+    """The recorded status of the run in ``directory``, or None (no manifest, or an unreadable one)."""
+    try:
+        manifest = read(directory, "run")
+    except UserError:
+        return None
+    status = manifest.get("status") if manifest else None
+    return status if isinstance(status, str) else None
+
+
+def prompt_of(directory: Path, what: str) -> str | None:
+    """The run's prompt (``parameters.prompt``), None without a manifest; a ``UserError`` if it is not pie's."""
+    manifest = read(directory, what)
+    if manifest is None:
+        return None
+    parameters = manifest.get("parameters", {})
+    prompt = parameters.get("prompt") if isinstance(parameters, dict) else None
+    if not isinstance(parameters, dict) or not (prompt is None or isinstance(prompt, str)):
+        raise UserError(f"{Path(directory) / MANIFEST} is not a pie manifest (no parameters.prompt text).")
+    return prompt
+
+
+def run_id_of(directories: list[Path]) -> str | None:
+    """The run id of the first of ``directories`` that holds a readable manifest (for an export's provenance)."""
+    for directory in directories:
+        if (Path(directory) / MANIFEST).is_file():
+            try:
+                manifest = read(directory, "run")
+            except UserError:
+                return None
+            value = manifest.get("run_id") if manifest else None
+            return value if isinstance(value, str) else None
+    return None
