@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -68,6 +68,13 @@ OutOpt = Annotated[
     typer.Option("--out", "-o", help="Output directory (default: runs/<image>-<time>).", show_default=False),
 ]
 OutDirOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
+
+
+def out_option(help: str) -> Any:
+    """A required ``--out/-o PATH`` with a command's own help (a folder or a file it writes)."""
+    return Annotated[Path, typer.Option("--out", "-o", help=help, show_default=False)]
+
+
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace pie's files in a non-empty --out (other files are kept).")
 ]

@@ -43,7 +43,10 @@ RESUME_DIR = ".resume"  # clean (unwatermarked) frames a run continues from
 # Files pie itself writes in a run folder, and its sub-folders; --overwrite removes these and nothing else.
 PIE_FILES = re.compile(
     r"^(frame_\d{3,}\.png|"
-    + "|".join(re.escape(n) for n in (MASK, GIF, MANIFEST, UNCERTAINTY, MEAN_FINAL, METRICS_JSON, METRICS_CSV, REPORT))
+    + "|".join(
+        re.escape(n)
+        for n in (MASK, GIF, MANIFEST, UNCERTAINTY, MEAN_FINAL, METRICS_JSON, METRICS_CSV, REPORT)
+    )
     + r"|\..+\.\d+\.tmp)$"
 )
 PIE_DIRS = re.compile(r"^(traj_\d{2,}|" + re.escape(RESUME_DIR) + r")$")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
+from pie_cli.core.model_files import LORA_FILE  # the diffusers format's file name, defined once
 
 
 def add_lora(

@@ -18,7 +18,14 @@ def test_a_directory_in_use_by_a_live_process_is_refused(cli, tiny_model, inputs
 
     def args(*extra):
         return simulate_argv(
-            inputs["image"], out, *extra, model=tiny_model, mask=inputs["mask"], steps=6, inference_steps=20, seed=7
+            inputs["image"],
+            out,
+            *extra,
+            model=tiny_model,
+            mask=inputs["mask"],
+            steps=6,
+            inference_steps=20,
+            seed=7,
         )
 
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=reset_signals)

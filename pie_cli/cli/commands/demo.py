@@ -12,7 +12,7 @@ import typer
 
 from pie_cli.cli.boundary import guarded
 from pie_cli.cli.console import info, result
-from pie_cli.cli.options import DebugOpt, OverwriteOpt, PhantomSeedOpt
+from pie_cli.cli.options import DebugOpt, OverwriteOpt, PhantomSeedOpt, out_option
 from pie_cli.core.parameters import MAX_SEED
 from pie_cli.errors import UserError
 from pie_cli.imaging.files import check_out_dir, writing
@@ -24,6 +24,8 @@ demo_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+DataOut = out_option("Folder to write (images, masks/, metadata.jsonl).")
+CaseOut = out_option("Folder for chest.png, left-lung.png, right-lung.png, truth.json.")
 SizeOpt = Annotated[int, typer.Option("--size", help="Image size in pixels (the demo model works at 64).")]
 
 
@@ -73,12 +75,7 @@ def _restore_on_failure(out: Path) -> Iterator[None]:
 @demo_app.command("data", no_args_is_help=True)
 @guarded
 def data(
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out", "-o", help="Folder to write (images, masks/, metadata.jsonl).", show_default=False
-        ),
-    ],
+    out: DataOut,
     n: Annotated[int, typer.Option("-n", "--count", help="Number of phantoms.")] = 2000,
     findings: Annotated[
         str,
@@ -118,15 +115,7 @@ def data(
 @demo_app.command("case", no_args_is_help=True)
 @guarded
 def case(
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Folder for chest.png, left-lung.png, right-lung.png, truth.json.",
-            show_default=False,
-        ),
-    ],
+    out: CaseOut,
     size: SizeOpt = 64,
     seed: PhantomSeedOpt = 7,
     overwrite: OverwriteOpt = False,

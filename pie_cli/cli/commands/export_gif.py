@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from pie_cli.cli.console import info, result, warn
-from pie_cli.cli.options import DebugOpt, OverwriteOpt, WatermarkOpt
+from pie_cli.cli.options import DebugOpt, OverwriteOpt, WatermarkOpt, out_option
 from pie_cli.errors import UserError
 
+ExportOut = out_option("Output: .gif, .webp (animated), .png (contact strip/grid), .mp4.")
 # GIF stores a delay in 16 bits of 10 ms and a loop count in 16 bits (WebP: the same loop field).
 MAX_DELAY_MS = 655_350
 MAX_LOOP = 65_535
@@ -26,15 +27,7 @@ def export_gif(
             help="A `pie simulate` run directory, or frame files in order.",
         ),
     ],
-    out_path: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            show_default=False,
-            help="Output: .gif, .webp (animated), .png (contact strip/grid), .mp4.",
-        ),
-    ],
+    out_path: ExportOut,
     duration_ms: Annotated[
         int, typer.Option("--duration-ms", help="Time per frame (GIF stores 10 ms units).")
     ] = 500,

@@ -11,7 +11,7 @@ from typer.core import TyperGroup
 
 from pie_cli.cli.boundary import guarded
 from pie_cli.cli.console import info, out, result, warn
-from pie_cli.cli.options import DebugOpt, JsonOpt, OverwriteOpt, ResolutionOpt, check_resolution
+from pie_cli.cli.options import DebugOpt, JsonOpt, OverwriteOpt, ResolutionOpt, check_resolution, out_option
 from pie_cli.errors import UserError
 
 
@@ -35,6 +35,7 @@ mask_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+MaskOut = out_option("Mask PNG to write (8-bit grey, 255 = edit).")
 _COORDS = "coordinates in original-image pixels, or fractions 0..1 when all values are <= 1"
 
 
@@ -44,10 +45,7 @@ def make(
     image: Annotated[
         Path, typer.Argument(metavar="IMAGE", help="The image the mask is for.", show_default=False)
     ],
-    out_path: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="Mask PNG to write (8-bit grey, 255 = edit).", show_default=False),
-    ],
+    out_path: MaskOut,
     box: Annotated[
         list[str] | None,
         typer.Option("--box", metavar="X0,Y0,X1,Y1", help=f"Rectangle; {_COORDS}. Repeatable."),
