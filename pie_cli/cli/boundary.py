@@ -43,8 +43,11 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pie_cli.signals import terminate_as_interrupt
+
         try:
-            return fn(*args, **kwargs)
+            with terminate_as_interrupt():  # SIGTERM (SLURM, Kubernetes, `kill`) ends any command like Ctrl-C
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except UserError as exc:

@@ -28,6 +28,22 @@ SchedulerName = _choices("SchedulerName", SCHEDULER_CHOICES)
 ProgressMode = _choices("ProgressMode", MODES)
 
 
+def _out_path(text: str) -> Path:
+    """``--out``'s value: an empty one (an unset shell variable, ``--out "$OUT"``) is refused, never ".".
+
+    (Typer would turn "" into the current directory.)
+    """
+    if not text.strip():
+        raise typer.BadParameter(
+            "is empty; name the directory or file to write (is a variable in your script unset?)"
+        )
+    return Path(text)
+
+
+def _out_text(text: str) -> str:
+    return str(_out_path(text))
+
+
 def _set_debug(value: bool) -> bool:
     if value:
         ui.debug = True
@@ -65,14 +81,28 @@ DtypeOpt = Annotated[
 ]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Output directory (default: runs/<image>-<time>).", show_default=False),
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output directory (default: runs/<image>-<time>).",
+        show_default=False,
+        parser=_out_path,
+        metavar="PATH",
+    ),
 ]
-OutDirOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
+OutDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--out", "-o", help="Output directory.", show_default=False, parser=_out_text, metavar="PATH"
+    ),
+]
 
 
 def out_option(help: str) -> Any:
     """A required ``--out/-o PATH`` with a command's own help (a folder or a file it writes)."""
-    return Annotated[Path, typer.Option("--out", "-o", help=help, show_default=False)]
+    return Annotated[
+        Path, typer.Option("--out", "-o", help=help, show_default=False, parser=_out_path, metavar="PATH")
+    ]
 
 
 OverwriteOpt = Annotated[

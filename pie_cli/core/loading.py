@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pie_cli.core.devices import Placement
-from pie_cli.core.model_files import LORA_FILE, lora_weight_file, weight_files
+from pie_cli.core.model_files import LORA_FILE, check_weights, lora_weight_file, part_folder
 from pie_cli.core.parameters import SCHEDULER_CHOICES
 from pie_cli.core.progression import Components
 from pie_cli.core.registry import ModelSource
@@ -33,7 +33,6 @@ _SCHEDULER_CLASSES = {
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
-WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
 
 _CACHE: dict[tuple, Components] = {}
 
@@ -70,45 +69,6 @@ def quiet_libraries(verbose: bool = False):
 
 
 # --------------------------------------------------------------------------- the files of a model
-
-
-def use_safetensors(folder: Path, what: str, allow_pickle: bool = False, warn=None) -> bool:
-    """True when ``folder`` has safetensors weights; pickle-only weights need ``allow_pickle`` (then False).
-
-    A folder with no weights, or pickle weights without ``allow_pickle``, is a ``UserError``.
-    """
-    safe, pickle = weight_files(folder)
-    if safe:
-        return True
-    if pickle:
-        if allow_pickle:
-            if warn is not None:
-                warn(
-                    f"{what}: loading pickle weights {folder / pickle[0].name} (--allow-pickle); "
-                    "a pickle file can run arbitrary code: load only files you trust."
-                )
-            return False
-        raise UserError(
-            f"{what} ({folder}) has only pickle weights ({pickle[0].name}), which can run code when opened; "
-            "convert them to .safetensors, or pass --allow-pickle if you trust the file."
-        )
-    raise UserError(f"{what} ({folder}) has no weights file.")
-
-
-def part_folder(source: ModelSource, part: str) -> Path:
-    """Where ``part`` (unet, vae, text_encoder, ...) of ``source`` is read from (``--unet`` replaces the UNet)."""
-    if part == "unet" and source.unet is not None:
-        return source.unet
-    return source.path / part
-
-
-def check_weights(source: ModelSource, allow_pickle: bool = False, warn=None) -> dict[str, bool]:
-    """For each weighted part, whether it loads from safetensors; refuses pickle-only parts early."""
-    found = {}
-    for part in WEIGHTED_PARTS:
-        what = "UNet" if part == "unet" and source.unet is not None else f"model {source.reference}: {part}"
-        found[part] = use_safetensors(part_folder(source, part), what, allow_pickle, warn)
-    return found
 
 
 def load_parts(
@@ -149,11 +109,19 @@ def load_scheduler(source: ModelSource) -> Any:
     import diffusers
 
     root = source.path
-    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    name = config.get("_class_name", "PNDMScheduler")
+    try:
+        config = json.loads((root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise UserError(
+            f"model {source.reference}'s scheduler/scheduler_config.json cannot be read as JSON."
+        ) from None
+    name = config.get("_class_name", "PNDMScheduler") if isinstance(config, dict) else None
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise UserError(f"model {source.reference} names an unknown scheduler {name!r}.")
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        # Only a scheduler: another class named here (a model) would load weights, pickles included.
+        raise UserError(
+            f"model {source.reference} names {name!r} in scheduler/scheduler_config.json, which is not a diffusers scheduler."
+        )
     return cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
 
 

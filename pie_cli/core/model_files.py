@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pie_cli.errors import UserError
 
@@ -167,3 +168,77 @@ def trained_on(path: Path) -> str | None:
         return None
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) and model else None
+
+
+def fingerprint(folders: list[Path], files: list[Path] = ()) -> str:
+    """A short identity of a model's files, read without loading them: same files, same fingerprint.
+
+    Every file below ``folders`` (and each of ``files``) counts with its relative name and size;
+    small files (configs, tokenizers, LoRA weights up to 1 MB) with their whole content, large
+    weights with their first and last 64 kB. A model re-pointed, retrained or replaced changes it.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+
+    def add(path: Path, name: str) -> None:
+        size = path.stat().st_size
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            if size <= 1 << 20:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(1 << 16))
+                fh.seek(-(1 << 16), 2)
+                digest.update(fh.read(1 << 16))
+
+    for k, folder in enumerate(folders):
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            add(path, f"{k}/{path.relative_to(folder).as_posix()}")
+    for k, path in enumerate(files):
+        add(Path(path), f"file{k}")
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- weights
+
+WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
+
+
+def use_safetensors(folder: Path, what: str, allow_pickle: bool = False, warn=None) -> bool:
+    """True when ``folder`` has safetensors weights; pickle-only weights need ``allow_pickle`` (then False).
+
+    A folder with no weights, or pickle weights without ``allow_pickle``, is a ``UserError``.
+    """
+    safe, pickle = weight_files(folder)
+    if safe:
+        return True
+    if pickle:
+        if allow_pickle:
+            if warn is not None:
+                warn(
+                    f"{what}: loading pickle weights {folder / pickle[0].name} (--allow-pickle); "
+                    "a pickle file can run arbitrary code: load only files you trust."
+                )
+            return False
+        raise UserError(
+            f"{what} ({folder}) has only pickle weights ({pickle[0].name}), which can run code when opened; "
+            "convert them to .safetensors, or pass --allow-pickle if you trust the file."
+        )
+    raise UserError(f"{what} ({folder}) has no weights file.")
+
+
+def part_folder(source: Any, part: str) -> Path:
+    """Where ``part`` (unet, vae, text_encoder, ...) of ``source`` is read from (``--unet`` replaces the UNet)."""
+    if part == "unet" and source.unet is not None:
+        return source.unet
+    return source.path / part
+
+
+def check_weights(source: Any, allow_pickle: bool = False, warn=None) -> dict[str, bool]:
+    """For each weighted part, whether it loads from safetensors; refuses pickle-only parts early."""
+    found = {}
+    for part in WEIGHTED_PARTS:
+        what = "UNet" if part == "unet" and source.unet is not None else f"model {source.reference}: {part}"
+        found[part] = use_safetensors(part_folder(source, part), what, allow_pickle, warn)
+    return found

@@ -27,8 +27,9 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pie_cli.core.model_files import (
     LORA_FILE,
@@ -122,13 +123,30 @@ class ModelNotCached(UserError):
 
 @dataclass
 class UserModel:
-    """One entry of ``models.json``."""
+    """One entry of ``models.json``; a damaged entry keeps what was there and says what is wrong."""
 
     target: str
     kind: str = "model"  # model | lora | unet
     base: str | None = None  # for lora / unet entries: the model they apply to
     weight: float = 1.0
     added: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    problem: str | None = field(default=None, compare=False)  # why this entry cannot be used
+    raw: Any = field(default=None, compare=False, repr=False)  # a damaged entry as read, written back as is
+
+    def record(self) -> Any:
+        if self.problem is not None:
+            return self.raw
+        return {
+            "target": self.target,
+            "kind": self.kind,
+            "base": self.base,
+            "weight": self.weight,
+            "added": self.added,
+        }
+
+
+KINDS = ("model", "lora", "unet")
+MAX_ALIAS_CHAIN = 32  # an alias of an alias of ...: deeper is a mistake (or a loop)
 
 
 # --------------------------------------------------------------------------- files
@@ -139,14 +157,59 @@ def user_models_file() -> Path:
 
 
 def load_user_models() -> dict[str, UserModel]:
+    """The user's aliases; a damaged file is one ``UserError`` naming it, a damaged entry is marked.
+
+    The file must be UTF-8 JSON: ``{"version": 1, "models": {NAME: {"target": ..., "kind": ...,
+    "base": ..., "weight": ...}}}``. An entry that does not fit (a null target, an unknown kind,
+    a NaN weight ...) is kept with its ``problem``: `pie models list` shows it as broken and
+    using it says why, while every other alias keeps working.
+    """
+    from pie_cli.imaging.files import require_regular_file
+
     path = user_models_file()
     if not path.exists():
         return {}
+    where = f"model registry {path}"
+    require_regular_file(path, "model registry")
+    raw = path.read_bytes()[: 16 << 20]
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {name: UserModel(**entry) for name, entry in data.get("models", {}).items()}
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise UserError(f"model registry {path} is not valid ({exc}); fix or delete it.") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text; fix or delete it.") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        detail = getattr(exc, "msg", None) or type(exc).__name__
+        raise UserError(f"{where} is not valid JSON ({detail}); fix or delete it.") from None
+    models = data.get("models", {}) if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise UserError(f"{where} is not a pie registry (no 'models' object); fix or delete it.")
+    return {str(name): _entry(str(name), entry) for name, entry in models.items()}
+
+
+def _entry(name: str, entry: Any) -> UserModel:
+    """One registry entry, checked field by field (never raises)."""
+
+    def broken(problem: str) -> UserModel:
+        return UserModel(target="", problem=problem, raw=entry)
+
+    if not ALIAS_NAME.match(name):
+        return broken(f"{name!r} is not a valid alias name")
+    if not isinstance(entry, dict):
+        return broken(f"its entry is {type(entry).__name__}, not an object")
+    target, kind, base = entry.get("target"), entry.get("kind", "model"), entry.get("base")
+    weight, added = entry.get("weight", 1.0), entry.get("added", "")
+    if not isinstance(target, str) or not target.strip():
+        return broken(f"its target is {target!r}, not a path or a model reference")
+    if kind not in KINDS:
+        return broken(f"its kind is {kind!r}, not one of {', '.join(KINDS)}")
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        return broken(f"its base is {base!r}, not a model reference")
+    if kind != "model" and base is None:
+        return broken(f"it is a {kind} without a base model")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        return broken(f"its weight is {weight!r}, not a finite number")
+    return UserModel(target, kind, base, float(weight), added if isinstance(added, str) else "", raw=entry)
 
 
 @contextmanager
@@ -174,7 +237,7 @@ def edit_user_models() -> Iterator[dict[str, UserModel]]:
 def save_user_models(models: dict[str, UserModel]) -> None:
     path = user_models_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"version": 1, "models": {name: asdict(m) for name, m in sorted(models.items())}}
+    data = {"version": 1, "models": {name: m.record() for name, m in sorted(models.items())}}
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
@@ -276,12 +339,26 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
         raise UserError(
             "--model is empty; give a model directory, an alias (see `pie models list`) or a repo id."
         )
-    users = load_user_models()
     explicit_path = _explicit_path(reference)
+    users = {} if explicit_path else _aliases_for(reference)
     if not explicit_path and reference in users:  # an alias wins over a same-named folder in the cwd
         if reference in _seen:
-            raise UserError(f"model alias {reference} refers to itself through {' -> '.join(_seen)}.")
-        return _resolve_user(reference, users[reference], _seen + (reference,))
+            raise UserError(
+                f"model alias {reference} refers to itself through {' -> '.join((*_seen, reference))} "
+                f"(in {user_models_file()}); re-point one of them with `pie models add NAME TARGET --force`."
+            )
+        if len(_seen) >= MAX_ALIAS_CHAIN:
+            raise UserError(
+                f"model alias {_seen[0]} goes through more than {MAX_ALIAS_CHAIN} aliases "
+                f"({' -> '.join(_seen[:4])} ...) in {user_models_file()}; point it at a model directly."
+            )
+        entry = users[reference]
+        if entry.problem is not None:
+            raise UserError(
+                f"model alias {reference} in {user_models_file()} is broken: {entry.problem}; "
+                f"fix it there or remove it with `pie models remove {reference}`."
+            )
+        return _resolve_user(reference, entry, _seen + (reference,))
     if not explicit_path and reference in BUILTIN_LOCAL:
         local = BUILTIN_LOCAL[reference]
         if not (local / "model_index.json").is_file():
@@ -310,6 +387,20 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
     raise UserError(
         f"unknown model {reference!r}: not a directory, an alias ({', '.join(known)}) or a Hugging Face repo id."
     )
+
+
+def _aliases_for(reference: str) -> dict[str, UserModel]:
+    """The user's aliases; a damaged registry stops only references that could be aliases.
+
+    A built-in name cannot be a user alias (``pie models add`` refuses them), so ``demo`` and
+    ``sd-v1-5`` keep working when ``models.json`` is broken.
+    """
+    try:
+        return load_user_models()
+    except UserError:
+        if reference in BUILTIN_LOCAL or reference in BUILTIN_ALIASES:
+            return {}
+        raise
 
 
 def _resolve_repo(repo_id: str, revision: str | None, reference: str) -> ModelSource:
@@ -420,9 +511,18 @@ def entries(users: dict[str, UserModel] | None = None) -> list[dict]:
                 "name": name,
                 "kind": entry.kind,
                 "source": "user",
-                "target": entry.target,
+                "target": entry.target or "(damaged entry)",
                 "base": entry.base,
                 "note": "",
             }
         )
     return rows
+
+
+def source_fingerprint(source: ModelSource) -> str:
+    """:func:`model_files.fingerprint` of everything ``source`` loads: its parts, --unet, its LoRA files."""
+    from pie_cli.core.model_files import COMPONENTS, fingerprint
+
+    folders = [source.unet if (c == "unet" and source.unet) else source.path / c for c in COMPONENTS]
+    files = [a.file or lora_weight_file(a.path) or a.path for a in source.loras]
+    return fingerprint([f for f in folders if Path(f).is_dir()], [f for f in files if Path(f).is_file()])

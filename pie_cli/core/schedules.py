@@ -33,10 +33,10 @@ def read_prompts(path: Path, steps: int, default: str | None) -> tuple[str, ...]
     ``step: prompt`` lines hold from that step until the next one; steps before the first
     take ``--prompt``. Blank lines and ``#`` comments are ignored.
     """
+    from pie_cli.imaging.files import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--prompt-schedule {path} does not exist.")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in read_text_file(path, "--prompt-schedule").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise UserError(f"--prompt-schedule {path} holds no prompt.")

@@ -44,14 +44,27 @@ def evaluate_run(
     from pie_cli.evaluation.metrics import frame_metrics, rows, summarise
     from pie_cli.evaluation.report import render
     from pie_cli.imaging.files import png_writer, write_together
+    from pie_cli.imaging.ownership import Ledger, refuse_overlap
     from pie_cli.runs import frames as run_frames
+    from pie_cli.runs.locks import check_not_locked
     from pie_cli.runs.manifest import prompt_of
 
     run_dir = Path(run_dir)
+    if not str(run_dir).strip():
+        raise UserError("RUN_DIR is empty; name the run directory to evaluate.")
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR {run_dir} is not a directory.")
     if not os.access(run_dir, os.W_OK):
         raise UserError(f"RUN_DIR {run_dir} is not writable; evaluate writes its metrics and report there.")
+    check_not_locked(run_dir, "RUN_DIR")  # a run still writing: its frames are not all there
+    outputs = (run_dir / METRICS_JSON, run_dir / METRICS_CSV, run_dir / REPORT)
+    ledger = Ledger(run_dir)
+    for path in outputs:  # earlier evaluations are replaced, a file of the user's never
+        _check_replaceable(path, ledger)
+    classifier_file = Path(classifier) if classifier and classifier != "demo" else None
+    refuse_overlap(
+        "RUN_DIR", run_dir, [("--classifier", classifier_file)], lambda rel: rel in [p.name for p in outputs]
+    )
     sources, mask_path = run_frames.collect([run_dir])
     frames = run_frames.load(sources)
     mask = None
@@ -102,7 +115,7 @@ def evaluate_run(
     writer.writerows(table)
     report = render(frames, metrics, f"{run_dir.name}: {prompt or ''}", label)
     text, spreadsheet = json.dumps(data, indent=2) + "\n", buffer.getvalue()
-    written = (run_dir / METRICS_JSON, run_dir / METRICS_CSV, run_dir / REPORT)
+    written = outputs
     # All three or none: a full disk must not leave new metrics beside an old report.
     write_together(
         [
@@ -111,4 +124,19 @@ def evaluate_run(
             (written[2], png_writer(report)),
         ]
     )
+    ledger.record(*written)  # so a later --overwrite of the run (or evaluate) knows them as pie's
     return Evaluation(data, metrics, label, written)
+
+
+def _check_replaceable(path: Path, ledger) -> None:
+    """An existing output is replaced only when pie wrote it (a user's own metrics.csv never is)."""
+    from pie_cli.imaging.ownership import LEDGER, legacy_pie_file, written_by_pie
+
+    if not path.exists():
+        return
+    legacy = not (path.parent / LEDGER).is_file() and legacy_pie_file(path)
+    if path.is_dir() or not (written_by_pie(path, ledger) or legacy):
+        raise UserError(
+            f"RUN_DIR {path.parent} holds {path.name}, which pie did not write (or which changed since); "
+            "pie never replaces it: move it away and evaluate again."
+        )

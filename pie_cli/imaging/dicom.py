@@ -223,7 +223,9 @@ def _check(ds: Any, path: Path, name: str) -> str:
     raw = ds.get_item(keyword, keep_deferred=True)
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
-    if length is not None and tell is not None and length != UNDEFINED_LENGTH:
+    if tsyntax.is_deflated:
+        pass  # offsets count the inflated stream, not the file: pydicom's own read checks the length
+    elif length is not None and tell is not None and length != UNDEFINED_LENGTH:
         if tell + length > os.path.getsize(path):
             raise UserError(f"{name} is a truncated DICOM file (its pixel data ends early).")
     elif keyword == "PixelData" and not tsyntax.is_compressed:
@@ -231,6 +233,21 @@ def _check(ds: Any, path: Path, name: str) -> str:
         if expected is not None and len(ds.PixelData) < expected:
             raise UserError(f"{name} is a truncated DICOM file (its pixel data ends early).")
     return photometric
+
+
+def _missing_decoders(tsyntax: Any) -> str | None:
+    """The pip packages of pydicom's decoders for ``tsyntax`` that are not installed, or None."""
+    if not tsyntax.is_compressed:
+        return None
+    try:
+        from pydicom.pixels import get_decoder
+
+        missing = get_decoder(tsyntax).missing_dependencies
+    except (NotImplementedError, AttributeError, ValueError):
+        return None
+    if not missing:
+        return None
+    return DECODER_PACKAGES.get(str(tsyntax), "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)")
 
 
 def _native_length(ds: Any) -> int | None:
@@ -267,6 +284,14 @@ def read_dicom(path: Path, what: str = "image") -> Image.Image:
     except MemoryError:
         raise
     except Exception:
+        missing = _missing_decoders(tsyntax)
+        if missing:
+            bits = ds.get("BitsStored")
+            depth = f" {bits}-bit" if bits else ""
+            raise UserError(
+                f"{name}: its{depth} {tsyntax.name} pixel data needs a decoder that is not installed "
+                f"(the installed one cannot read it); install one with `pip install {missing}`."
+            ) from None
         raise UserError(
             f"{name}: its DICOM pixel data ({tsyntax.name}) could not be decoded; the file may be damaged or truncated."
         ) from None
@@ -281,6 +306,11 @@ def read_dicom(path: Path, what: str = "image") -> Image.Image:
             return Image.fromarray(colour_to_uint8(arr, ds))
     except UserError:
         raise
+    except BlankWindow as exc:
+        raise UserError(
+            f"{name}: {exc} (all its pixels lie outside the window), so the image would be blank; "
+            "correct the file's Window Center/Width or VOI LUT, or export it with a window that shows the anatomy."
+        ) from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError):
         raise UserError(
             f"{name}: its DICOM pixel values cannot be mapped to an image (unusual LUT or pixel layout)."
@@ -288,6 +318,10 @@ def read_dicom(path: Path, what: str = "image") -> Image.Image:
 
 
 # --------------------------------------------------------------------------- pixel pipeline
+
+
+class BlankWindow(ValueError):
+    """The file's own windowing leaves nothing to see: every pixel lies outside the window."""
 
 
 def grey_to_uint16(arr: np.ndarray, ds: Any, *, invert: bool = False) -> np.ndarray:
@@ -298,6 +332,13 @@ def grey_to_uint16(arr: np.ndarray, ds: Any, *, invert: bool = False) -> np.ndar
         raise ValueError("not a 2-D greyscale image")
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     unit = voi_to_unit(values, ds)
+    if (
+        unit.size
+        and float(np.ptp(unit)) == 0.0
+        and np.isfinite(values).any()
+        and np.ptp(values[np.isfinite(values)]) > 0
+    ):
+        raise BlankWindow("its own VOI (window or LUT) maps every pixel to one grey")
     if invert:
         unit = 1.0 - unit
     return np.round(np.clip(unit, 0.0, 1.0) * 65535.0).astype(np.uint16)

@@ -137,9 +137,14 @@ def png_writer(img: Image.Image, run_id: str | None = None) -> Callable[[Path], 
     """A function saving ``img`` as a PNG with pie's provenance text chunks (for :func:`write_together`)."""
     from PIL.PngImagePlugin import PngInfo
 
+    from pie_cli.imaging.ownership import PIXELS_KEY, pixel_digest
+
     info = PngInfo()
     for key, value in provenance(run_id).items():
         info.add_text(key, value)
+    info.add_text(
+        PIXELS_KEY, pixel_digest(img)
+    )  # lets a later --overwrite prove the file is pie's, unchanged
     return lambda tmp: img.save(tmp, format="PNG", pnginfo=info)
 
 
@@ -147,6 +152,92 @@ def save_png(img: Image.Image, path: Path, run_id: str | None = None) -> None:
     """Write a PNG atomically, with pie's provenance (see :func:`provenance`)."""
     with atomic_path(path) as tmp:
         png_writer(img, run_id)(tmp)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def require_regular_file(path: Path, what: str) -> Path:
+    """``path`` when it is a readable regular file (a symlink to one is fine), else a ``UserError``.
+
+    A FIFO, a socket or a device (``/dev/zero`` named ``zero.dcm``) would block a read forever or
+    never end; they are refused before anything opens them.
+    """
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist.") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc}).") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {path} is a directory, not a file.")
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a file"
+        )
+        raise UserError(f"{what} {path} is not a regular file ({kind}); give a file.")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{what} {path} is not readable (check its permissions).")
+    return path
+
+
+def read_text_file(path: Path, what: str, limit: int = 64 << 20) -> str:
+    """The UTF-8 text of a small regular file (a recipe, a prompt list, a table), or one ``UserError``."""
+    path = require_regular_file(path, what)
+    if path.stat().st_size > limit:
+        raise UserError(f"{what} {path} is larger than {limit >> 20} MB; that is not a file pie reads.")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise UserError(f"{what} {path} holds NUL bytes; it is not a text file.")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+
+
+def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(columns, [(line number, row)]) of a UTF-8 CSV table, or one ``UserError`` naming the file and row.
+
+    Refused: a missing header, a column named twice, a row with more values than columns, a
+    field longer than the csv module's limit, NUL bytes, text that is not UTF-8. Blank rows are
+    skipped; short rows are padded with empty values.
+    """
+    import csv
+    import io
+
+    text = read_text_file(path, what)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise UserError(f"{what} {path} has no header line.")
+        columns = [h.strip() for h in header]
+        for name in columns:
+            if columns.count(name) > 1:
+                raise UserError(f"{what} {path}: column {name!r} appears more than once.")
+        rows = []
+        for values in reader:
+            n = reader.line_num
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) > len(columns):
+                raise UserError(
+                    f"{what} {path} row {n} has {len(values)} values for {len(columns)} columns "
+                    "(an unquoted comma?)."
+                )
+            rows.append((n, dict(zip(columns, [*values, *[""] * (len(columns) - len(values))], strict=True))))
+    except csv.Error as exc:
+        raise UserError(f"{what} {path} row {reader.line_num} cannot be read as CSV ({exc}).") from None
+    return columns, rows
 
 
 # --------------------------------------------------------------------------- output checks
@@ -190,12 +281,20 @@ def check_out_dir(
 
 
 def check_out_file(path: Path, option: str, overwrite: bool) -> None:
-    """Refuse an output file that is a directory, exists without ``overwrite``, or has no writable folder."""
+    """Refuse an output file that is a directory, exists without ``overwrite``, is not pie's to
+    replace, or has no writable folder."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory; name the file to write.")
     if path.exists() and not overwrite:
         raise UserError(f"{option} {path} already exists; pass --overwrite to replace it.")
+    from pie_cli.imaging.ownership import written_by_pie
+
+    if path.exists() and not written_by_pie(path):
+        raise UserError(
+            f"{option} {path} exists and was not written by pie (or was changed since); "
+            "pie never replaces it: choose another name, or move it away yourself."
+        )
     if not path.parent.is_dir():
         raise UserError(f"{option} {path}: directory {path.parent} does not exist.")
     if not os.access(path.parent, os.W_OK):

@@ -43,6 +43,7 @@ class MaskSpec:
     polygons: tuple[str, ...] = ()
     from_masks: tuple[Path, ...] = ()
     level: float = 0.5
+    label: int | None = None  # --from masks are label maps: this label is the region
     thresholds: tuple[str, ...] = ()
     otsu: bool = False
     otsu_dark: bool = False
@@ -75,6 +76,10 @@ class MaskSpec:
             raise UserError(f"--keep-largest must be at least 1, got {self.keep_largest}.")
         if not 0 < self.level <= 1:
             raise UserError(f"--level must be in (0, 1], got {self.level:g}.")
+        if self.label is not None and not self.from_masks:
+            raise UserError("--label picks a label of a --from label map; give --from MASK too.")
+        if self.label is not None and not 1 <= self.label <= 65535:
+            raise UserError(f"--label must be a label value from 1 to 65535, got {self.label}.")
 
     def has_region(self) -> bool:
         return bool(
@@ -189,7 +194,7 @@ def from_mask_region(
 
     Returns the region and a note when the mask had to be stretched to the image's aspect ratio.
     """
-    grey = mask_to_grey(img, path)
+    grey = mask_to_grey(img, path, spec.label)
     r = spec.resolution
     note = None
     if grey.size == image_size:
@@ -290,13 +295,19 @@ def describe(
     resolution: int = 512,
     latent_factor: int = 8,
 ) -> dict:
-    """Coverage, bounding box, components, binary/soft, and warnings, for ``pie mask info``."""
-    grey = np.asarray(mask_to_grey(mask_img, path))
+    """Coverage, bounding box, components, binary/soft, how it was read, and warnings, for ``pie mask info``."""
+    from pie_cli.imaging.masks import read_mask
+    from pie_cli.imaging.media import orientation_of
+
+    read, interpretation = read_mask(mask_img, path)
+    grey = np.asarray(read)
     h, w = grey.shape
     on = grey > 0
     info: dict = {
         "mask": str(path),
         "size": [w, h],
+        "interpretation": interpretation,
+        "exif_orientation": orientation_of(mask_img),
         "binary": bool(np.isin(grey, (0, 255)).all()),
         "coverage_percent": round(100.0 * on.mean(), 3),
         "mean_strength_percent": round(100.0 * grey.mean() / 255.0, 3),

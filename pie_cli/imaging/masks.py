@@ -15,37 +15,129 @@ from pie_cli.errors import UserError
 from pie_cli.imaging.geometry import MIN_IMAGE_SIDE
 from pie_cli.imaging.media import MASK_RESAMPLE, SIXTEEN_BIT_MODES, fit_square
 
+# A mask with one non-zero value at most this large is a label map (a segmentation tool's ids), not a
+# faint partial-strength mask: {0, 1} and {0, 2} are regions; {0, 200} is 200/255 edit strength.
+MAX_LABEL = 16
+# Where a read mask keeps how it was understood (``info`` of the returned image).
+INTERPRETATION_KEY = "pie_mask_interpretation"
 
-def mask_to_grey(img: Image.Image, path: Path | str = "mask") -> Image.Image:
-    """Any single-channel (or grey-stored-as-colour) image -> mode "L", 0..255."""
-    mode = img.mode
-    if mode == "L":
-        return img
-    if mode == "1":
-        return img.convert("L")
-    if mode == "LA":
-        return img.getchannel("L")
-    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max(initial=0)
-        if mode == "F" and top <= 1.0:
-            scale = 255.0
-        elif mode.startswith("I;16") or top > 255:
-            scale = 255.0 / 65535.0
-        else:
-            scale = 1.0
-        if mode != "F" and top == 1:
+
+def read_mask(
+    img: Image.Image, path: Path | str = "mask", label: int | None = None
+) -> tuple[Image.Image, str]:
+    """(mask as mode "L", 0..255 with 255 = edit; how it was read), or a ``UserError`` naming the file.
+
+    Every case is decided, none guessed:
+
+    - grey (8-bit, 16-bit, float, 1-bit, or grey stored as RGB): values as strength;
+    - a label map (integer values, at most ``MAX_LABEL``): one label is a binary region, several
+      are refused unless ``label`` picks one;
+    - transparency (LA, RGBA, a palette with transparency): transparent = keep. Opaque pixels of
+      one colour (white, black, red strokes...) make the region the alpha channel itself; grey
+      opaque pixels are their grey times the alpha; several colours are refused;
+    - colour without transparency is refused (masks are grey: white = edit, black = keep).
+    """
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min(initial=255) < 255:
+            return _with_alpha(img, alpha, path)
+        img = img.convert("L" if img.mode in ("LA", "La", "PA") else "RGB")
+    if img.mode == "1":
+        img = img.convert("L")
+    if img.mode in ("L", "I", "F") or img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img)
+        if img.mode != "F":
+            region = _label_region(values, path, label)
+            if region is not None:
+                return region
+        elif label is not None:
             raise UserError(
-                f"mask {path} looks like a 0/1 label map (its maximum value is 1); "
-                "save it with 255 for the region to edit."
+                f"mask {path} holds fractional values; --label needs a label map of whole numbers."
             )
-        return Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), mode="L")
+        if img.mode == "L":
+            return img, "grey"
+        arr = values.astype(np.float64)
+        top = arr.max(initial=0)
+        if img.mode == "F" and top <= 1.0:
+            scale, what = 255.0, "float 0..1"
+        elif img.mode.startswith("I;16") or top > 255:
+            scale, what = 255.0 / 65535.0, "16-bit grey"
+        else:
+            scale, what = 1.0, "grey"
+        grey = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), mode="L")
+        return grey, what
     rgb = np.asarray(img.convert("RGB"))
     if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
         raise UserError(
             f"mask {path} is a colour image; masks must be greyscale (white = edit, black = keep)."
         )
-    return Image.fromarray(rgb[..., 0].copy(), mode="L")
+    return _read_grey(Image.fromarray(rgb[..., 0].copy(), mode="L"), path, label, "grey stored as RGB")
+
+
+def _read_grey(grey: Image.Image, path: Path | str, label: int | None, what: str) -> tuple[Image.Image, str]:
+    region = _label_region(np.asarray(grey), path, label)
+    return region if region is not None else (grey, what)
+
+
+def _label_region(values: np.ndarray, path: Path | str, label: int | None) -> tuple[Image.Image, str] | None:
+    """A label map's region (binary, 255 = edit), or None for a grey mask."""
+    present = np.unique(values)
+    nonzero = [int(v) for v in present if v > 0]
+    if label is not None:
+        if label not in nonzero:
+            found = ", ".join(map(str, nonzero[:20])) or "none"
+            raise UserError(f"mask {path} has no pixel of label {label} (its values above 0: {found}).")
+        return _binary(values == label), f"label {label} of a label map"
+    if not nonzero or max(nonzero) > MAX_LABEL:
+        return None
+    if len(nonzero) == 1:
+        return _binary(values > 0), f"label map {{0, {nonzero[0]}}} read as a binary region"
+    labels = ", ".join(map(str, nonzero))
+    raise UserError(
+        f"mask {path} is a label map with labels {labels}; choose the region with "
+        f"`pie mask IMAGE --from {path} --label K --out MASK.png`."
+    )
+
+
+def _binary(region: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.where(region, 255, 0).astype(np.uint8), mode="L")
+
+
+def _with_alpha(img: Image.Image, alpha: np.ndarray, path: Path | str) -> tuple[Image.Image, str]:
+    """A mask with transparency: transparent = keep (see :func:`read_mask`)."""
+    rgb = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    visible = alpha.reshape(-1) > 0
+    if not visible.any():
+        return Image.fromarray(np.zeros(alpha.shape, np.uint8), mode="L"), "transparent everywhere"
+    colours = np.unique(rgb[visible], axis=0)
+    if len(colours) == 1:
+        return Image.fromarray(
+            alpha.astype(np.uint8), mode="L"
+        ), "alpha channel (opaque = edit, transparent = keep)"
+    if not (np.array_equal(colours[:, 0], colours[:, 1]) and np.array_equal(colours[:, 0], colours[:, 2])):
+        raise UserError(
+            f"mask {path} is a colour image with transparency ({len(colours)} colours where it is opaque); "
+            "give a grey mask, or one colour on a transparent background."
+        )
+    grey = rgb[:, 0].reshape(alpha.shape).astype(np.float64) * alpha / 255.0
+    return Image.fromarray(np.round(grey).astype(np.uint8), mode="L"), "grey times alpha (transparent = keep)"
+
+
+def mask_to_grey(img: Image.Image, path: Path | str = "mask", label: int | None = None) -> Image.Image:
+    """Any mask image -> mode "L", 0..255 (see :func:`read_mask`; its interpretation kept in ``info``)."""
+    grey, interpretation = read_mask(img, path, label)
+    if grey is img:
+        grey = img.copy()
+    grey.info[INTERPRETATION_KEY] = interpretation
+    return grey
+
+
+def interpretation_of(mask: Image.Image) -> str | None:
+    """How :func:`mask_to_grey` read ``mask`` (None for an image it did not read)."""
+    value = mask.info.get(INTERPRETATION_KEY)
+    return value if isinstance(value, str) else None
 
 
 def prepare_mask(

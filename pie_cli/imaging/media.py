@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pie_cli.errors import UserError
+from pie_cli.imaging.files import require_regular_file
 from pie_cli.imaging.geometry import square_geometry
 
 # Images are resized with Lanczos to the working resolution, for inference and for training alike:
@@ -39,12 +40,9 @@ def open_image(path: Path, what: str = "image") -> Image.Image:
     dark, as it does in any viewer). Depth is kept until :func:`to_rgb8`'s one 8-bit conversion.
     """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist.")
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, not an image file.")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{what} {path} is not readable (check its permissions).")
+    require_regular_file(path, what)
     from pie_cli.imaging.dicom import is_dicom
 
     if is_dicom(path):
@@ -54,19 +52,65 @@ def open_image(path: Path, what: str = "image") -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
+            orientation = _exif_orientation(img)
             if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PNG"):
-                return _sixteen_bit(img, path)
-            return (
-                img.copy()
-                if img.mode != "P"
-                else img.convert("RGBA" if "transparency" in img.info else "RGB")
-            )
+                read = _sixteen_bit(img, path)
+            elif img.mode == "P":
+                read = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            else:
+                read = img.copy()
+        return _orient(read, orientation)
     except UnidentifiedImageError:
         raise UserError(
             f"{what} {path} is not an image pie can read (PNG, JPEG, TIFF, BMP, WebP, DICOM)."
         ) from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{what} {path} could not be decoded ({exc}).") from None
+
+
+# EXIF orientation -> the transposition that shows the image as a viewer displays it.
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Metadata a read image does not keep (it may identify the patient or the device; outputs never carry it).
+_METADATA = ("exif", "xmp", "XML:com.adobe.xmp", "comment", "photoshop", "iptc", "icc_profile")
+# The EXIF orientation an image was read with (1-8), kept in the returned image's ``info``.
+ORIENTATION_KEY = "pie_exif_orientation"
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError, TypeError):  # a damaged EXIF block: read as stored
+        return None
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def _orient(img: Image.Image, orientation: int | None) -> Image.Image:
+    """``img`` as it is displayed: its EXIF orientation applied (phone photos of skin are often rotated).
+
+    Every reader of pie applies it (simulate, mask, finetune, evaluate), so a mask drawn on the
+    displayed image lines up; the orientation read is kept in ``img.info[ORIENTATION_KEY]``.
+    """
+    if orientation in _ORIENTATIONS:
+        img = img.transpose(_ORIENTATIONS[orientation])
+    for key in _METADATA:  # camera, GPS, author...: nothing of the file's metadata travels on
+        img.info.pop(key, None)
+    if orientation is not None:
+        img.info[ORIENTATION_KEY] = orientation
+    return img
+
+
+def orientation_of(img: Image.Image) -> int | None:
+    """The EXIF orientation :func:`open_image` applied to ``img`` (None when the file had none)."""
+    value = img.info.get(ORIENTATION_KEY)
+    return value if isinstance(value, int) else None
 
 
 def _sixteen_bit(img: Image.Image, path: Path) -> Image.Image:

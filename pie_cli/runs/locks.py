@@ -1,11 +1,12 @@
 """Ownership of an output directory by one pie process at a time.
 
-``DIR/.pie.lock`` holds the owner's pid, host and start time. It is created with
-``O_EXCL``, so of two processes starting on the same directory exactly one wins; the
-other is refused with a sentence naming the owner. A lock left by a process that no
-longer runs (SIGKILL, a crashed node) is taken over with a warning, so a killed run can
-be resumed without manual cleanup. A lock from another host cannot be checked and is
-respected; the message says how to remove it.
+``DIR/.pie.lock`` is a ``filelock.SoftFileLock`` marker: created with ``O_EXCL`` (so of two
+processes starting on the same directory exactly one wins) and holding the owner's pid and
+host. A lock left by a process that no longer runs (SIGKILL, a crashed node) is taken over
+with a warning, atomically: filelock swaps the stale marker for its own in one exchange, so
+two processes finding the same stale lock never both hold the directory. A lock from another
+host cannot be checked and is respected; the message says how to remove it. A lock in the
+JSON format of pie 0.1.0 is still understood.
 """
 
 from __future__ import annotations
@@ -30,17 +31,33 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    except OSError:
+    except (OSError, OverflowError):
         return False
     return True
 
 
 def read_owner(path: Path) -> dict | None:
+    """{pid, host, started} of a lock file (filelock's ``pid\\nhost\\n...`` or pie 0.1.0's JSON), else None."""
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(path.stat().st_mtime))
+    except (OSError, UnicodeDecodeError):
         return None
+    with contextlib.suppress(ValueError):
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("pid"), int):
+            return {
+                "pid": data["pid"],
+                "host": data.get("host"),
+                "started": data.get("started", started),
+                "legacy": True,
+            }
+    lines = text.splitlines()
+    if lines and lines[0].strip().isdigit():
+        host = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
+        return {"pid": int(lines[0]), "host": host, "started": started, "legacy": False}
+    return None
 
 
 def in_use(option: str, directory: Path, owner: dict) -> UserError:
@@ -50,10 +67,14 @@ def in_use(option: str, directory: Path, owner: dict) -> UserError:
     )
 
 
+def _here(owner: dict) -> bool:
+    return owner.get("host") in (None, socket.gethostname())
+
+
 def live_owner(directory: Path) -> dict | None:
     """The owner of ``directory``'s lock when it is another process running on this host, else None."""
     owner = read_owner(Path(directory) / LOCK_NAME)
-    if owner is None or owner.get("host") not in (None, socket.gethostname()):
+    if owner is None or not _here(owner):
         return None  # unreadable or another host's: DirLock decides when the run starts
     return owner if owner["pid"] != os.getpid() and pid_alive(owner["pid"]) else None
 
@@ -65,6 +86,19 @@ def check_not_locked(directory: Path, option: str = "--out") -> None:
         raise in_use(option, directory, owner)
 
 
+def _guard(path: Path) -> str:
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:20]
+    return str(Path(tempfile.gettempdir()) / f"pie-lock-takeover-{key}.lock")
+
+
+def _stale(owner: dict | None) -> bool:
+    """A lock of a process of this host that no longer runs."""
+    return owner is not None and _here(owner) and owner["pid"] != os.getpid() and not pid_alive(owner["pid"])
+
+
 class DirLock:
     """``with DirLock(dir, warn=...)``: hold ``dir/.pie.lock`` for the duration."""
 
@@ -74,57 +108,52 @@ class DirLock:
         self.option = option
         self.warn = warn or (lambda _msg: None)
         self.held = False
+        self._lock = None
 
     def acquire(self) -> DirLock:
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        for _attempt in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._handle_existing()
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
-        raise UserError(
-            f"{self.option} {self.directory} is being locked and unlocked by other processes; retry."
-        )
+        from filelock import FileLock
 
-    def _handle_existing(self) -> None:
-        owner = read_owner(self.path)
-        if owner is None:
-            # Empty or garbled: a writer died between create and write, or someone else's file.
-            age = time.time() - _mtime(self.path)
-            if age < 5:
-                time.sleep(0.2)
-                if read_owner(self.path) is not None:
-                    return
-            self.warn(f"taking over an unreadable lock file {self.path}.")
-            _unlink(self.path)
-            return
-        pid, host = owner["pid"], owner.get("host")
-        if host not in (None, socket.gethostname()):
-            raise UserError(
-                f"{self.option} {self.directory} is locked by pie process {pid} on host {host}; "
-                f"if that run is gone, delete {self.path}."
-            )
-        if pid != os.getpid() and pid_alive(pid):
-            raise in_use(self.option, self.directory, owner)
-        self.warn(
-            f"taking over a stale lock in {self.directory} left by pid {pid}, which is no longer running."
-        )
-        _unlink(self.path)
+        if not _stale(read_owner(self.path)):
+            return self._take()
+        # Judged again under a guard, so two processes finding one stale lock do not both take it. The
+        # guard lives in the temporary folder: the run folder holds nothing but what the run writes.
+        with FileLock(_guard(self.path), timeout=30):
+            owner = read_owner(self.path)
+            if _stale(owner):
+                self.warn(
+                    f"taking over a stale lock in {self.directory} left by pid {owner['pid']}, "
+                    "which is no longer running."
+                )
+                if owner["legacy"]:  # pie 0.1.0's JSON lock: filelock cannot judge it
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+            return self._take()
+
+    def _take(self) -> DirLock:
+        from filelock import SoftFileLock, Timeout
+
+        self._lock = SoftFileLock(str(self.path), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            owner = read_owner(self.path)
+            if owner is None:
+                raise UserError(
+                    f"{self.option} {self.directory} is being locked and unlocked by other processes; retry."
+                ) from None
+            if not _here(owner):
+                raise UserError(
+                    f"{self.option} {self.directory} is locked by pie process {owner['pid']} on host {owner['host']}; "
+                    f"if that run is gone, delete {self.path}."
+                ) from None
+            raise in_use(self.option, self.directory, owner) from None
+        self.held = True
+        return self
 
     def release(self) -> None:
-        if self.held:
-            owner = read_owner(self.path)
-            if owner is not None and owner.get("pid") == os.getpid():
-                _unlink(self.path)
+        if self.held and self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock.release()
             self.held = False
 
     def __enter__(self) -> DirLock:
@@ -132,15 +161,3 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

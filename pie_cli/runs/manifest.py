@@ -24,6 +24,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +41,49 @@ REPORT = "report.png"
 COHORT_SUMMARY = "cohort_summary.csv"
 RESUME_DIR = ".resume"  # clean (unwatermarked) frames a run continues from
 
-# Files pie itself writes in a run folder, and its sub-folders; --overwrite removes these and nothing else.
-PIE_FILES = re.compile(
-    r"^(frame_\d{3,}\.png|"
-    + "|".join(
-        re.escape(n)
-        for n in (MASK, GIF, MANIFEST, UNCERTAINTY, MEAN_FINAL, METRICS_JSON, METRICS_CSV, REPORT)
-    )
-    + r"|\..+\.\d+\.tmp)$"
-)
-PIE_DIRS = re.compile(r"^(traj_\d{2,}|" + re.escape(RESUME_DIR) + r")$")
+# The files and folders of a run folder: what `pie simulate` writes, and what `pie evaluate` adds.
+RUN_OUTPUTS = (MASK, GIF, MANIFEST, UNCERTAINTY, MEAN_FINAL)
+EVALUATION_OUTPUTS = (METRICS_JSON, METRICS_CSV, REPORT)
+_FRAME = re.compile(r"^frame_(\d{3,})\.png$")
+_TRAJECTORY = re.compile(r"^traj_(\d{2,})$")
+
+
+def run_files(
+    steps: int, trajectories: int = 1, mask: bool = False, gif: bool = True
+) -> Callable[[str], bool]:
+    """Whether a path (relative to the run folder, with ``/``) is one a `pie simulate` case writes.
+
+    Frames 0..steps, the manifest, ``mask.png`` with a mask, ``progression.gif`` unless --no-gif,
+    the clean frames of ``.resume/``; with K > 1 trajectories, each ``traj_KK/`` holds one
+    trajectory's such files and the top folder the mask, the manifest and the spread images.
+    """
+
+    def single(parts: list[str]) -> bool:
+        if len(parts) == 2 and parts[0] == RESUME_DIR:
+            parts = parts[1:]
+        if len(parts) != 1:
+            return False
+        name = parts[0]
+        frame = _FRAME.match(name)
+        return (
+            (frame is not None and int(frame.group(1)) <= steps)
+            or name == MANIFEST
+            or (name == MASK and mask)
+            or (name == GIF and gif)
+        )
+
+    def writes(rel: str) -> bool:
+        parts = rel.split("/")
+        if trajectories == 1:
+            return single(parts)
+        if len(parts) == 1:
+            return parts[0] in (MANIFEST, UNCERTAINTY, MEAN_FINAL) or (parts[0] == MASK and mask)
+        trajectory = _TRAJECTORY.match(parts[0])
+        return trajectory is not None and int(trajectory.group(1)) < trajectories and single(parts[1:])
+
+    return writes
+
+
 # Packages whose versions a manifest records.
 RECORDED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pillow")
 
@@ -98,17 +132,24 @@ def build(
     }
 
 
-def input_record(image_path: Path, image: Any, mask_path: Path | None) -> dict[str, Any]:
-    """How a manifest identifies its inputs: content hash and pixel geometry only.
+def input_record(image_path: Path, image: Any, mask_path: Path | None, mask: Any = None) -> dict[str, Any]:
+    """How a manifest identifies its inputs: content hash and pixel geometry only, and how they were read.
 
     No paths and no command line: file and folder names often carry patient names or IDs.
+    ``image_orientation`` is the EXIF orientation applied when reading (None: the file had none);
+    ``mask_interpretation`` says how the mask's values were understood (grey, label map, alpha).
     """
+    from pie_cli.imaging.masks import interpretation_of
+    from pie_cli.imaging.media import orientation_of
+
     return {
         "image_sha256": file_sha256(image_path),
         "image_size": list(image.size),
         "image_mode": image.mode,
+        "image_orientation": orientation_of(image),
         "mask": mask_path is not None,
         "mask_sha256": file_sha256(mask_path) if mask_path else None,
+        "mask_interpretation": interpretation_of(mask) if mask is not None else None,
     }
 
 
@@ -213,3 +254,8 @@ def run_id_of(directories: list[Path]) -> str | None:
             value = manifest.get("run_id") if manifest else None
             return value if isinstance(value, str) else None
     return None
+
+
+def any_run_file(rel: str) -> bool:
+    """Whether a path is one some `pie simulate` or `pie evaluate` run writes in a run folder."""
+    return rel in EVALUATION_OUTPUTS or run_files(10**6, 10**4, mask=True, gif=True)(rel)

@@ -25,17 +25,18 @@ from typing import Any
 
 from PIL import Image
 
+from pie_cli.errors import UserError
 from pie_cli.imaging.files import save_png, write_text
-from pie_cli.runs.locks import DirLock
+from pie_cli.imaging.ownership import Ledger, plan_overwrite, remove_planned, written_by_pie
+from pie_cli.runs.locks import LOCK_NAME, DirLock
 from pie_cli.runs.manifest import (
     GIF,
     MANIFEST,
     MASK,
     MEAN_FINAL,
-    PIE_DIRS,
-    PIE_FILES,
     RESUME_DIR,
     UNCERTAINTY,
+    any_run_file,
     encode_state,
     file_sha256,
     frame_name,
@@ -60,37 +61,58 @@ class RunWriter:
         lock: bool = True,
         watermark: Callable[[Image.Image], Image.Image] | None = None,
         warn: Callable[[str], None] | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.created_dir = False
         self.watermark = watermark
         self.lock = DirLock(self.path, warn=warn) if lock else None
+        self.ledger = ledger if ledger is not None else Ledger(self.path)  # the top folder's, shared
         self.run_id = manifest.setdefault("run_id", run_id(manifest))
         self._unrecorded: Path | None = None  # a frame saved whose manifest entry is not written yet
 
-    def open(self, overwrite: bool) -> None:
+    def open(self, overwrite: bool = False, will_write: Callable[[str], bool] | None = None) -> None:
+        """Create (or claim) the folder and start the manifest.
+
+        The top folder (``lock=True``) is checked again once its lock is held: a run that finished
+        there after this one's early checks must not be written into. With ``overwrite`` the files
+        pie can prove it wrote are deleted first (``imaging.ownership.plan_overwrite``); nothing else.
+        """
         if not self.path.exists():
             self.path.mkdir(parents=True)
             self.created_dir = True
         if self.lock is not None:
             self.lock.acquire()
         try:
-            self._start(overwrite)
-        except OSError:  # e.g. a full disk before anything useful exists: leave nothing behind
+            if self.lock is not None:
+                self._claim(overwrite, will_write or (lambda rel: False))
+            self._start()
+        except (OSError, UserError):  # a full disk, or a run that got here first: leave nothing behind
             if self.lock is not None:
                 self.lock.release()
             if self.created_dir:
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
-    def _start(self, overwrite: bool) -> None:
-        if overwrite:
-            for entry in self.path.iterdir():
-                if entry.is_file() and PIE_FILES.match(entry.name):
-                    entry.unlink()
-                elif entry.is_dir() and PIE_DIRS.match(entry.name):
-                    shutil.rmtree(entry)
+    def _claim(self, overwrite: bool, will_write: Callable[[str], bool]) -> None:
+        held = {LOCK_NAME}
+        if not overwrite:
+            if any(entry.name not in held for entry in self.path.iterdir()):
+                raise UserError(
+                    f"--out {self.path} is not empty (another run wrote there meanwhile); "
+                    "pass --overwrite to replace pie's files there, or choose another directory."
+                )
+            return
+        remove = plan_overwrite(self.path, will_write, reserved=tuple(held), legacy_outputs=any_run_file)
+        remove_planned(self.path, remove)
+        self.ledger.files = Ledger(self.path).files
+
+    def _wrote(self, *paths: Path) -> None:
+        """Record files just written in the folder's ledger (what proves later that they are pie's)."""
+        self.ledger.record(*paths)
+
+    def _start(self) -> None:
         self.manifest.setdefault("frames", [])
         self.manifest["status"] = "running"
         self.manifest["started"] = now()
@@ -103,16 +125,27 @@ class RunWriter:
         self.manifest["frames"] = [f for f in self.manifest.get("frames", []) if f["index"] <= step]
         for entry in self.path.glob("frame_*.png"):
             index = entry.stem.split("_")[-1]
-            if index.isdigit() and int(index) > step:
-                entry.unlink()
+            if not (index.isdigit() and int(index) > step):
+                continue
+            if not written_by_pie(entry, self.ledger):
+                raise UserError(
+                    f"--resume: {entry} was not written by this run (or was changed since); "
+                    "pie never replaces it: move it away and resume again."
+                )
+            entry.unlink()  # a frame after the last whole step: written, never counted
+            self.ledger.forget(self._rel(entry), save=False)
         self.manifest["status"] = "running"
         self.manifest.setdefault("resumed", []).append({"after_step": step, "at": now()})
         self.manifest.pop("finished", None)
         self.manifest.pop("error", None)
         self.write_manifest()
 
+    def _rel(self, path: Path) -> str:
+        return Path(path).relative_to(self.ledger.folder).as_posix()
+
     def write_mask(self, mask: Image.Image) -> None:
         save_png(mask, self.path / MASK, self.run_id)
+        self._wrote(self.path / MASK)
         self.manifest["outputs"]["mask"] = MASK
 
     def write_frame(
@@ -126,8 +159,10 @@ class RunWriter:
             clean = self.path / RESUME_DIR
             clean.mkdir(exist_ok=True)
             save_png(image, clean / name, self.run_id)
+            self.ledger.record(clean / name, save=False)
         self._unrecorded = self.path / name
         save_png(shown, self.path / name, self.run_id)
+        self.ledger.record(self.path / name, save=False)
         entry = {
             "index": n,
             "file": name,
@@ -145,6 +180,7 @@ class RunWriter:
             stale = self.path / RESUME_DIR / frame_name(n - 2)
             if stale.exists():
                 stale.unlink()
+                self.ledger.forget(self._rel(stale))
 
     def clean_frame(self, n: int) -> Path:
         """The file holding frame ``n`` as the progression produced it (without a watermark)."""
@@ -157,6 +193,7 @@ class RunWriter:
         if self.watermark is not None:
             frames = [self.watermark(f) for f in frames]
         write(frames, self.path / GIF, ExportOptions(), run_id=self.run_id)
+        self._wrote(self.path / GIF)
         self.manifest["outputs"]["gif"] = GIF
 
     def finish(self, status: str, **extra: Any) -> None:
@@ -167,11 +204,17 @@ class RunWriter:
         try:
             if status == "complete":
                 self.manifest.pop("rng_states", None)
-                if (self.path / RESUME_DIR).is_dir():
-                    shutil.rmtree(self.path / RESUME_DIR)
+                clean = self.path / RESUME_DIR
+                if clean.is_dir():
+                    shutil.rmtree(clean)
+                    prefix = self._rel(clean) + "/"
+                    self.ledger.forget(
+                        *[rel for rel in self.ledger.files if rel.startswith(prefix)], save=False
+                    )
             elif self._unrecorded is not None:
                 # Stopped between a frame and its manifest entry: that frame is not part of the run.
                 self._unrecorded.unlink(missing_ok=True)
+                self.ledger.forget(self._rel(self._unrecorded), save=False)
                 self._unrecorded = None
             self.write_manifest()
         finally:  # even when the disk is full: never leave a live-looking lock behind
@@ -179,7 +222,9 @@ class RunWriter:
                 self.lock.release()
 
     def write_manifest(self) -> None:
+        """The manifest, then the ledger (with whatever was recorded since its last save)."""
         write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")
+        self._wrote(self.path / MANIFEST)
 
 
 class CaseRun:
@@ -218,7 +263,11 @@ class CaseRun:
                 "trajectory": j,
                 "run_id": f"{top.run_id}-{j:02d}",
             }
-            writers.append(RunWriter(Path(out) / trajectory_dir(j), sub, lock=False, watermark=watermark))
+            writers.append(
+                RunWriter(
+                    Path(out) / trajectory_dir(j), sub, lock=False, watermark=watermark, ledger=top.ledger
+                )
+            )
         top.manifest["trajectories"] = [trajectory_dir(j) for j in range(k)]
         return cls(top, writers)
 
@@ -237,15 +286,22 @@ class CaseRun:
         if k == 1:
             return cls(top, [top])
         writers = [
-            RunWriter(Path(out) / trajectory_dir(j), manifests[j + 1], lock=False, watermark=watermark)
+            RunWriter(
+                Path(out) / trajectory_dir(j),
+                manifests[j + 1],
+                lock=False,
+                watermark=watermark,
+                ledger=top.ledger,
+            )
             for j in range(k)
         ]
         top.manifest["trajectories"] = [trajectory_dir(j) for j in range(k)]
         return cls(top, writers)
 
-    def open(self, overwrite: bool, mask: Image.Image | None) -> None:
+    def open(self, overwrite: bool, mask: Image.Image | None, will_write: Callable[[str], bool]) -> None:
+        """Claim the top folder (under its lock), then start every trajectory's folder."""
         for writer in self.everyone:
-            writer.open(overwrite)
+            writer.open(overwrite, will_write)
         if mask is not None:
             for writer in self.everyone:
                 writer.write_mask(mask)
@@ -276,6 +332,7 @@ class CaseRun:
         last = [frames[-1] for frames in history]
         save_png(mean_image(last), self.top.path / MEAN_FINAL, self.top.run_id)
         save_png(spread_map(last, history[0][0]), self.top.path / UNCERTAINTY, self.top.run_id)
+        self.top.ledger.record(self.top.path / MEAN_FINAL, self.top.path / UNCERTAINTY)
         self.top.manifest["outputs"].update({"uncertainty": UNCERTAINTY, "mean_final": MEAN_FINAL})
 
     def finish(self, status: str, **extra: Any) -> None:

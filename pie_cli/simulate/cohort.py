@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pie_cli.core.parameters import SCHEDULES
 from pie_cli.errors import Interrupted, UserError
 from pie_cli.reporting import SILENT, Reporter
 from pie_cli.runs.manifest import COHORT_SUMMARY
@@ -38,47 +39,80 @@ class Case:
 
 
 def read_cohort(path: Path) -> list[Case]:
-    """The cases of a cohort CSV, each value converted to its option's type, or a ``UserError`` naming the row."""
+    """The cases of a cohort CSV, each value converted to its option's type, or a ``UserError`` naming the row.
+
+    A case writes to ``--out/<out column>``, or ``--out/<image stem>`` (``stem-2``, ``stem-3`` ... for
+    later rows whose images share a stem); an ``out`` must stay inside ``--out``.
+    """
+    from pie_cli.imaging.files import read_csv
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--cohort {path} does not exist.")
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip().replace("-", "_") for c in (reader.fieldnames or [])]
-        unknown = [c for c in columns if c not in COLUMNS]
-        if unknown:
-            raise UserError(f"--cohort {path}: unknown column {unknown[0]!r}; known: {', '.join(COLUMNS)}.")
-        if "image" not in columns:
-            raise UserError(f"--cohort {path} has no image column.")
-        cases, names = [], {}
-        for index, raw in enumerate(reader):
-            row = index + 2
-            values: dict[str, Any] = {}
-            for key, text in raw.items():
-                key = key.strip().replace("-", "_")
-                text = (text or "").strip()
-                if not text:
-                    continue
-                try:
-                    value = COLUMNS[key](text)
-                except ValueError:
-                    raise UserError(
-                        f"--cohort {path} row {row}: {key} {text!r} is not a valid value."
-                    ) from None
-                if key in PATH_COLUMNS:
-                    value = value if value.is_absolute() else path.parent / value
-                values[key] = value
-            if "image" not in values:
-                raise UserError(f"--cohort {path} row {row} has no image.")
-            name = values.pop("out", None) or values["image"].stem
-            if name in names:
-                raise UserError(
-                    f"--cohort {path} rows {names[name]} and {row} both write to {name!r}; add an out column."
-                )
-            names[name] = row
-            cases.append(Case(index, row, name, values))
-    if not cases:
+    columns, table = read_csv(path, "--cohort")
+    keys = [c.replace("-", "_") for c in columns]
+    for key in keys:
+        if keys.count(key) > 1:
+            same = [c for c, k in zip(columns, keys, strict=True) if k == key]
+            raise UserError(f"--cohort {path}: columns {' and '.join(map(repr, same))} are the same option.")
+    unknown = [k for k in keys if k not in COLUMNS]
+    if unknown:
+        raise UserError(f"--cohort {path}: unknown column {unknown[0]!r}; known: {', '.join(COLUMNS)}.")
+    if "image" not in keys:
+        raise UserError(f"--cohort {path} has no image column.")
+    parsed = []
+    for index, (row, raw) in enumerate(table):
+        values: dict[str, Any] = {}
+        for column, key in zip(columns, keys, strict=True):
+            text = raw[column].strip()
+            if not text:
+                continue
+            try:
+                value = COLUMNS[key](text)
+            except ValueError:
+                raise UserError(f"--cohort {path} row {row}: {key} {text!r} is not a valid value.") from None
+            if key in PATH_COLUMNS:
+                value = value if value.is_absolute() else path.parent / value
+            values[key] = value
+        if "image" not in values:
+            raise UserError(f"--cohort {path} row {row} has no image.")
+        if "out" in values:
+            values["out"] = _inside_out(values["out"], path, row)
+        parsed.append((index, row, values))
+    if not parsed:
         raise UserError(f"--cohort {path} has no cases.")
+    return _named(parsed, path)
+
+
+def _inside_out(out: str, cohort: Path, row: int) -> str:
+    """An ``out`` column value as a relative folder inside ``--out``, or a ``UserError``."""
+    parts = Path(out).parts
+    if Path(out).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
+        raise UserError(
+            f"--cohort {cohort} row {row}: out {out!r} must be a folder inside --out "
+            "(a relative name without '..')."
+        )
+    return Path(*parts).as_posix()
+
+
+def _named(parsed: list[tuple[int, int, dict[str, Any]]], cohort: Path) -> list[Case]:
+    """Cases with distinct folder names: explicit ``out`` values, then image stems made unique."""
+    names: dict[str, int] = {}
+    for _index, row, values in parsed:
+        name = values.get("out")
+        if name is None:
+            continue
+        if name in names:
+            raise UserError(f"--cohort {cohort} rows {names[name]} and {row} both write to {name!r}.")
+        names[name] = row
+    cases = []
+    for index, row, values in parsed:
+        name = values.pop("out", None)
+        if name is None:
+            stem, name, k = values["image"].stem, values["image"].stem, 1
+            while name in names:
+                k += 1
+                name = f"{stem}-{k}"
+            names[name] = row
+        cases.append(Case(index, row, name, values))
     return cases
 
 
@@ -129,6 +163,7 @@ def run_cohort(
     if base.image is not None:
         raise UserError("give an IMAGE or --cohort, not both.")
     cases = read_cohort(cohort)
+    _check_summary(cohort, base.out, {c.name.split("/")[0] for c in cases})
     rank, world = process_rank()
     plans = [_plan(case, base, cohort, reporter) for case in split(cases, rank, world)]
     result = CohortResult(base.out)
@@ -183,7 +218,13 @@ def _plan(case: Case, base: SimulateSpec, cohort: Path, reporter: Reporter) -> _
     status = status_of(out)  # None without a (readable) manifest: then --out's own checks apply
     spec = base.with_values(out=out, overwrite=base.overwrite or status is not None, **values)
     if status == "complete" and not base.overwrite:
-        return _Plan(case, spec, None, "skipped (complete)")
+        changed = _changed(out, spec)
+        if changed is None:
+            return _Plan(case, spec, None, "skipped (complete)")
+        raise UserError(
+            f"--cohort {cohort} row {case.row}: case {case.name} is complete in {out} with other settings "
+            f"({changed}); pass --overwrite to run it again with these, or use another --out."
+        )
     if status in ("interrupted", "running") and not base.overwrite:
         # A case stopped by Ctrl-C, SIGTERM or a kill goes on from its last whole frame.
         try:
@@ -199,15 +240,72 @@ def _plan(case: Case, base: SimulateSpec, cohort: Path, reporter: Reporter) -> _
         raise UserError(f"--cohort {cohort} row {case.row}: {exc}") from None
 
 
+def _check_summary(cohort: Path, out: Path, cases: set[str]) -> None:
+    """The cohort CSV is not among the outputs, and ``cohort_summary.csv`` is pie's to (re)write."""
+    from pie_cli.imaging.ownership import Ledger, refuse_overlap, written_by_pie
+
+    refuse_overlap(
+        "--out", out, [("--cohort", cohort)], lambda rel: rel == COHORT_SUMMARY or rel.split("/")[0] in cases
+    )
+    summary = out / COHORT_SUMMARY
+    if summary.exists() and not written_by_pie(summary, Ledger(out)) and not _legacy_summary(summary):
+        raise UserError(
+            f"--out {out} holds {COHORT_SUMMARY}, which pie did not write (or which changed since); "
+            "pie never replaces it: move it away or choose another directory."
+        )
+
+
+def _legacy_summary(path: Path) -> bool:
+    """A cohort summary written by pie before it kept a ledger (no ledger beside it, pie's header)."""
+    from pie_cli.imaging.ownership import LEDGER
+
+    if (path.parent / LEDGER).is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().strip() == ",".join(SUMMARY_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _changed(out: Path, spec: SimulateSpec) -> str | None:
+    """How a complete case's recorded settings differ from ``spec`` (None when they are the same)."""
+    from pie_cli.runs.manifest import file_sha256, read
+
+    manifest = read(out, "--cohort") or {}
+    recorded = manifest.get("parameters") if isinstance(manifest.get("parameters"), dict) else {}
+    for name, value in spec.parameters().items():
+        if name in SCHEDULES or recorded.get(name) == value:
+            continue
+        return f"{name} {recorded.get(name)!r} -> {value!r}"
+    run = manifest.get("run") if isinstance(manifest.get("run"), dict) else {}
+    if run.get("model") != spec.model:
+        return f"model {run.get('model')!r} -> {spec.model!r}"
+    inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+    if (
+        spec.image is not None
+        and spec.image.is_file()
+        and inputs.get("image_sha256") != file_sha256(spec.image)
+    ):
+        return "another image"
+    mask = file_sha256(spec.mask) if spec.mask is not None and spec.mask.is_file() else None
+    if inputs.get("mask_sha256") != mask:
+        return "another mask"
+    return None
+
+
 def write_summary(
     out: Path, rows: list[list[Any]], rank: int, world: int, order: list[str] | None = None
 ) -> None:
     """``cohort_summary.csv`` (one row per case); several processes write parts the main one merges."""
     from pie_cli.imaging.files import write_text
+    from pie_cli.imaging.ownership import Ledger
 
     out.mkdir(parents=True, exist_ok=True)
     name = COHORT_SUMMARY if world == 1 else f"cohort_summary.rank{rank}.csv"
     write_text(out / name, _csv([SUMMARY_HEADER, *rows]))
+    if world == 1:
+        Ledger(out).record(out / name)
     if world > 1:
         from pie_cli.core.distributed import process_state
 
@@ -224,6 +322,7 @@ def write_summary(
                 key=lambda row: position.get(row[0], len(position))
             )  # the CSV's order, not the ranks'
             write_text(out / COHORT_SUMMARY, _csv([SUMMARY_HEADER, *merged]))
+            Ledger(out).record(out / COHORT_SUMMARY)
             for r in range(world):
                 (out / f"cohort_summary.rank{r}.csv").unlink(missing_ok=True)
 

@@ -25,11 +25,17 @@ from pie_cli.simulate.spec import RECORDED, SCHEDULE_RECORDS, SimulateSpec, buil
 _NOT_RESTORED = {*SCHEDULE_RECORDS, "compile"}
 
 
-def resume_run(out: Path, base: SimulateSpec, reporter: Reporter = SILENT) -> SimulateResult:
-    """Continue the run in ``out``; ``base`` carries the resuming command's device options."""
+def resume_run(
+    out: Path, base: SimulateSpec, reporter: Reporter = SILENT, given: dict[str, Any] | None = None
+) -> SimulateResult:
+    """Continue the run in ``out``; ``base`` carries the resuming command's device options.
+
+    ``given`` holds run options the command repeated (a requeued job's original command line):
+    each must match what the run recorded, or the resume is refused naming it.
+    """
     from pie_cli.signals import terminate_as_interrupt
 
-    plan = plan_resume(out, base)
+    plan = plan_resume(out, base, given)
     if plan is None:
         return SimulateResult(Path(out), 0, 1, 0.0, None, already_complete=True)
     spec, inputs, resume = plan
@@ -43,11 +49,13 @@ def resume_run(out: Path, base: SimulateSpec, reporter: Reporter = SILENT) -> Si
     return SimulateResult(spec.out, spec.steps, spec.trajectories, seconds, gif, first_step=step + 1)
 
 
-def plan_resume(out: Path, base: SimulateSpec) -> tuple[SimulateSpec, Inputs, Resume] | None:
+def plan_resume(
+    out: Path, base: SimulateSpec, given: dict[str, Any] | None = None
+) -> tuple[SimulateSpec, Inputs, Resume] | None:
     """What continuing the run in ``out`` needs (checked, nothing loaded); None when it is complete."""
     from pie_cli.core.model_files import resolve_unet_path
     from pie_cli.core.progression import ResumePoint
-    from pie_cli.core.registry import parse_lora, resolve
+    from pie_cli.core.registry import parse_lora, resolve, source_fingerprint
     from pie_cli.imaging.masks import prepare_mask
     from pie_cli.imaging.media import open_image
     from pie_cli.runs import manifest as runs_manifest
@@ -100,20 +108,26 @@ def plan_resume(out: Path, base: SimulateSpec) -> tuple[SimulateSpec, Inputs, Re
         strength_schedule=None,
         guidance_schedule=None,
         compile=base.compile or bool(record.get("compile")),
-        allow_pickle=base.allow_pickle or bool(record.get("allow_pickle")),
+        allow_pickle=base.allow_pickle,  # never from the file: pickles open only when the command says so
     )
     schedules = tuple(_recorded_list(params, key, where) for key in SCHEDULE_RECORDS.values())
     try:
         config = build_config(spec, schedules)  # the same checks as a fresh run
     except UserError as exc:
         raise UserError(f"{where} holds parameters pie cannot run: {exc}") from None
+    if given:
+        _check_given(given, spec, config, top, out)
     if len(top["rng_states"]) != k:
         raise UserError(
             f"--resume: {path} has {len(top['rng_states'])} generator states for {k} trajectories."
         )
     try:
         states = [decode_state(t) for t in top["rng_states"]]
-    except (TypeError, ValueError):
+        import torch
+
+        for state in states:  # a state of the wrong size or content is refused by torch itself
+            torch.Generator("cpu").set_state(state)
+    except (TypeError, ValueError, RuntimeError):
         raise UserError(f"{where} holds generator states that cannot be decoded.") from None
     manifests = [top]
     if k > 1:
@@ -146,8 +160,59 @@ def plan_resume(out: Path, base: SimulateSpec) -> tuple[SimulateSpec, Inputs, Re
     adapters = tuple(parse_lora(s) for s in spec.lora)
     unet_path = resolve_unet_path(spec.unet) if spec.unet else None
     source = resolve(spec.model).with_overrides(unet=unet_path, loras=adapters)
+    recorded = top.get("model", {}).get("fingerprint") if isinstance(top.get("model"), dict) else None
+    if recorded is not None and recorded != source_fingerprint(source):
+        raise UserError(
+            f"--resume: the model of {out} changed since the run started ({spec.model} now resolves to "
+            f"{source.path}, with other files); continuing would mix two models. Point it back, or start a new run."
+        )
+    from pie_cli.core.model_files import check_weights
+
+    check_weights(source, spec.allow_pickle)  # a pickle opens only when this command says --allow-pickle
     inputs = Inputs(config, image, mask, source, unet_path, adapters)
     return spec, inputs, Resume(ResumePoint(step, frames, states), manifests)
+
+
+def _check_given(
+    given: dict[str, Any], spec: SimulateSpec, config: Any, top: dict[str, Any], out: Path
+) -> None:
+    """Every run option given again with --resume equals the run's own, or a ``UserError`` naming it."""
+    from pie_cli.core.registry import parse_lora
+    from pie_cli.core.schedules import parse_numbers, read_prompts
+    from pie_cli.runs.manifest import file_sha256
+
+    inputs = top.get("inputs") if isinstance(top.get("inputs"), dict) else {}
+    for name, value in given.items():
+        flag = "IMAGE" if name == "image" else "--" + name.replace("_", "-")
+        if name == "image":
+            same = value is not None and file_sha256(value) == inputs.get("image_sha256")
+        elif name == "mask":
+            same = (file_sha256(value) if value is not None else None) == inputs.get("mask_sha256")
+        elif name == "lora":
+            same = [parse_lora(s).spec() for s in value] == list(spec.lora)
+        elif name == "unet":
+            from pie_cli.core.model_files import resolve_unet_path
+
+            same = (str(resolve_unet_path(value)) if value is not None else None) == (
+                str(spec.unet) if spec.unet else None
+            )
+        elif name == "prompt_schedule":
+            same = value is None or read_prompts(value, config.steps, spec.prompt) == config.prompt_schedule
+        elif name in ("strength_schedule", "guidance_schedule"):
+            recorded = config.strength_schedule if name == "strength_schedule" else config.guidance_schedule
+            same = value is None or parse_numbers(value, config.steps, flag) == recorded
+        else:
+            current = (
+                getattr(spec.params, name)
+                if hasattr(spec.params, name) and name != "prompt"
+                else getattr(spec, name)
+            )
+            same = value == current
+        if not same:
+            raise UserError(
+                f"--resume: {flag} differs from the run in {out}; drop it to continue the run as it was "
+                "started, or start a new run with the new value."
+            )
 
 
 def _count(value: Any, where: str) -> int:

@@ -10,6 +10,7 @@ prints: progress and notes go to the :class:`~pie_cli.reporting.Reporter` passed
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,10 @@ class SimulateResult:
 
 def prepare_inputs(spec: SimulateSpec) -> Inputs:
     """Check everything cheaply and read the image and mask; nothing is loaded or created."""
-    from pie_cli.core.model_files import resolve_unet_path
+    from pie_cli.core.model_files import check_weights, resolve_unet_path
     from pie_cli.core.registry import parse_lora, resolve
-    from pie_cli.imaging.files import check_out_dir
     from pie_cli.imaging.masks import prepare_mask, require_image_size, require_nonempty
     from pie_cli.imaging.media import open_image
-    from pie_cli.runs.locks import check_not_locked
 
     config = build_config(spec)
     if spec.image is None:
@@ -77,10 +76,41 @@ def prepare_inputs(spec: SimulateSpec) -> Inputs:
         require_nonempty(mask, raw_mask, spec.resolution, spec.mask)
     adapters = tuple(parse_lora(s) for s in spec.lora)
     unet = resolve_unet_path(spec.unet) if spec.unet is not None else None
+    source = resolve(spec.model).with_overrides(unet=unet, loras=adapters)
+    check_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is loaded
+    check_output(spec, source)
+    return Inputs(config, image, mask, source, unet, adapters)
+
+
+def output_files(spec: SimulateSpec) -> Callable[[str], bool]:
+    """The paths (relative to ``spec.out``) this case writes."""
+    from pie_cli.runs.manifest import run_files
+
+    return run_files(spec.steps, spec.trajectories, mask=spec.mask is not None, gif=spec.gif)
+
+
+def check_output(spec: SimulateSpec, source: ModelSource) -> None:
+    """``--out`` usable: not an input, not in use, empty or (with --overwrite) holding only what pie may replace."""
+    from pie_cli.imaging.files import check_out_dir
+    from pie_cli.imaging.ownership import plan_overwrite, refuse_overlap
+    from pie_cli.runs.locks import LOCK_NAME, check_not_locked
+    from pie_cli.runs.manifest import any_run_file
+
+    writes = output_files(spec)
+    inputs = [
+        ("IMAGE", spec.image),
+        ("--mask", spec.mask),
+        ("--prompt-schedule", spec.prompt_schedule),
+        ("--model", source.path),
+        ("--unet", source.unet),
+        *[("--lora", adapter.path) for adapter in source.loras],
+    ]
+    refuse_overlap("--out", spec.out, inputs, writes)
     check_not_locked(spec.out)
     check_out_dir(spec.out, spec.overwrite)
-    source = resolve(spec.model).with_overrides(unet=unet, loras=adapters)
-    return Inputs(config, image, mask, source, unet, adapters)
+    if spec.overwrite:
+        # Refuses now, before the model loads, what the run would replace; RunWriter re-plans under the lock.
+        plan_overwrite(spec.out, writes, reserved=(LOCK_NAME,), legacy_outputs=any_run_file)
 
 
 def load_model(spec: SimulateSpec, inputs: Inputs, reporter: Reporter) -> tuple[Any, Any]:
@@ -166,7 +196,7 @@ def run_case(
     if resume is None:
         manifest = new_manifest(spec, inputs, components, placement)
         case = CaseRun.new(spec.out, manifest, seeds, watermark=mark, warn=reporter.warn)
-        case.open(spec.overwrite, inputs.mask)
+        case.open(spec.overwrite, inputs.mask, output_files(spec))
         history: list[list[Image.Image]] = [[] for _ in seeds]
         last_step = -1
     else:
@@ -225,6 +255,7 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
     import torch
 
     from pie_cli.core.progression import fresh_scheduler, step_timesteps
+    from pie_cli.core.registry import source_fingerprint
     from pie_cli.runs import manifest
 
     # Step 1's timesteps, from a private scheduler (steps with another strength have their own).
@@ -235,7 +266,7 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
     ).tolist()
     return manifest.build(
         parameters=recorded_parameters(config, spec),
-        model=inputs.source.describe(),
+        model={**inputs.source.describe(), "fingerprint": source_fingerprint(inputs.source)},
         run={
             "model": spec.model,
             "unet": str(inputs.unet) if inputs.unet else None,
@@ -250,7 +281,7 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
             "timesteps": timesteps,
             "unet_calls_per_step": len(timesteps),
         },
-        inputs=manifest.input_record(spec.image, inputs.image, spec.mask),
+        inputs=manifest.input_record(spec.image, inputs.image, spec.mask, inputs.mask),
         placement=placement.describe(),
         environment=manifest.environment(placement.device.type, placement.device),
         steps=spec.steps,

@@ -110,8 +110,60 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def save_checkpoint(accelerator: Any, out: Path, step: int, total_steps: int, keep: int) -> Path:
-    """``checkpoints/step_N`` of the accelerator's state, published complete or not at all; then prune."""
+class LoopState:
+    """Step counter and the loop's random generator, saved in every checkpoint as JSON (no pickle).
+
+    ``loop_state.json`` holds the step and the generator's state as base64; a checkpoint of
+    pie 0.1.0 has accelerate's ``custom_checkpoint_0.pkl`` instead, read with torch's
+    weights-only loader (a dict of an int and a tensor needs nothing more).
+    """
+
+    FILE = "loop_state.json"
+    LEGACY = "custom_checkpoint_0.pkl"
+
+    def __init__(self, seed: int) -> None:
+        import torch
+
+        self.step = 0
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def save(self, folder: Path) -> None:
+        from pie_cli.runs.manifest import encode_state
+
+        data = {"step": self.step, "generator": encode_state(self.generator.get_state())}
+        (Path(folder) / self.FILE).write_text(json.dumps(data) + "\n", encoding="utf-8")
+
+    def load(self, folder: Path) -> None:
+        import torch
+
+        from pie_cli.errors import UserError
+        from pie_cli.runs.manifest import decode_state
+
+        folder = Path(folder)
+        try:
+            if (folder / self.FILE).is_file():
+                data = json.loads((folder / self.FILE).read_text(encoding="utf-8"))
+                step, state = data["step"], decode_state(data["generator"])
+            else:
+                data = torch.load(folder / self.LEGACY, map_location="cpu", weights_only=True)
+                step, state = data["step"], data["generator"]
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise ValueError(step)
+            self.generator.set_state(state)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError):
+            raise UserError(
+                f"--resume: checkpoint {folder} has no readable loop state ({self.FILE})."
+            ) from None
+        self.step = step
+
+
+def save_checkpoint(
+    accelerator: Any, out: Path, step: int, total_steps: int, keep: int, extra: Any = None
+) -> Path:
+    """``checkpoints/step_N`` of the accelerator's state, published complete or not at all; then prune.
+
+    ``extra(folder)`` adds the loop's own files (on the main process) before the marker.
+    """
     path = Path(out) / CHECKPOINTS / f"step_{step:06d}"
     # One staging name for every process of the run: each saves its own RNG state into it.
     tmp = path.with_name(f".{path.name}.tmp")
@@ -122,6 +174,8 @@ def save_checkpoint(accelerator: Any, out: Path, step: int, total_steps: int, ke
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(tmp)
         marker = {"step": step, "total_steps": total_steps, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / COMPLETE).write_text(json.dumps(marker) + "\n")
         fsync_tree(tmp)

@@ -244,12 +244,13 @@ def coerce(name: str, value: Any, where: str) -> Any:
 def read_yaml(path: Path, what: str = "--config") -> dict[str, Any]:
     import yaml
 
+    from pie_cli.imaging.files import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist.")
+    text = read_text_file(path, what, limit=1 << 20)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError) as exc:
         raise UserError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
     if not isinstance(data, dict):
         raise UserError(f"{what} {path} must be a mapping of option names to values.")

@@ -102,8 +102,12 @@ def check_images(data: TrainingData, progress: Callable[[int, int], None] | None
 
     if data.format == "hf":
         return
+    from pie_cli.imaging.files import require_regular_file
+
     for k, record in enumerate(data.records):
         path = record.image
+        if isinstance(path, Path) and path.exists():
+            require_regular_file(path, f"image ({record.where})")
         if isinstance(path, Path) and path.is_file() and is_dicom(path):
             check_dicom(path, f"image ({record.where})")  # header only, like PIL's check below
             if progress is not None:

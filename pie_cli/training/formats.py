@@ -16,7 +16,6 @@ dataset's folder; no image is decoded here.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,31 +104,24 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
 
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     """(columns, [(row number as a person counts it, row)]) of a CSV or JSON-lines file."""
+    from pie_cli.imaging.files import read_csv, read_text_file
+
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        return read_csv(path, "table")
     rows: list[tuple[int, dict[str, Any]]] = []
-    try:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            columns: list[str] = []
-            with open(path, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path} line {n} is not valid JSON ({exc.msg}).") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path} line {n} is not a JSON object.")
-                    columns.extend(k for k in row if k not in columns)
-                    rows.append((n, row))
-            return columns, rows
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = list(reader.fieldnames or [])
-            for n, row in enumerate(reader, start=2):
-                rows.append((n, row))
-        return columns, rows
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a UTF-8 text table.") from None
+    columns: list[str] = []
+    for n, line in enumerate(read_text_file(path, "table", limit=1 << 30).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise UserError(f"{path} line {n} is not valid JSON ({getattr(exc, 'msg', exc)}).") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n} is not a JSON object.")
+        columns.extend(k for k in row if k not in columns)
+        rows.append((n, row))
+    return columns, rows
 
 
 def _index_images(root: Path) -> dict[str, Path]:
@@ -316,6 +308,9 @@ def _eyepacs(spec: TrainSpec, data: str, path: Path) -> TrainingData:
 
 def _first_line(path: Path) -> str:
     """A table's header line (without reading the rest: CheXpert's train.csv is tens of MB)."""
+    from pie_cli.imaging.files import require_regular_file
+
+    require_regular_file(path, "table")
     with open(path, encoding="utf-8-sig", errors="replace") as fh:
         return fh.readline().rstrip("\r\n")
 

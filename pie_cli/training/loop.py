@@ -20,7 +20,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +27,10 @@ import torch.nn.functional as F
 from pie_cli.core.registry import ModelSource
 from pie_cli.errors import NumericalError
 from pie_cli.imaging.files import temp_path
+from pie_cli.imaging.ownership import Ledger
 from pie_cli.reporting import Reporter
 from pie_cli.signals import StopSignals, TrainingInterrupted
-from pie_cli.training.checkpoints import METRICS, latest_checkpoint, save_checkpoint
+from pie_cli.training.checkpoints import CHECKPOINTS, METRICS, LoopState, latest_checkpoint, save_checkpoint
 from pie_cli.training.config import TEXT_LORA_TARGETS, TrainSpec
 from pie_cli.training.data import Record, TrainingData
 from pie_cli.training.dataset import isolated, training_batches
@@ -45,21 +45,6 @@ class TrainResult:
     seconds: float
     last_loss: float | None
     weights: Path
-
-
-class LoopState:
-    """Step counter and the loop's random generator, saved in every checkpoint."""
-
-    def __init__(self, seed: int) -> None:
-        self.step = 0
-        self.generator = torch.Generator("cpu").manual_seed(seed)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
 
 
 def _precision_dtype(spec: TrainSpec) -> torch.dtype:
@@ -85,6 +70,7 @@ class Trainer:
         self.out = out
         self.reporter = reporter
         self.signals = StopSignals(quiet=reporter.quiet)  # the caller installs it around setup() and run()
+        self.ledger = Ledger(out)  # every file this run writes is recorded: --overwrite removes only those
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -182,7 +168,6 @@ class Trainer:
         # After prepare: under several processes accumulate() needs the wrapped modules to skip syncs.
         self.trainables = [self.unet, self.text_encoder] if self.train_te else [self.unet]
         self.state = LoopState(spec.seed)
-        acc.register_for_checkpointing(self.state)
         if lora:
             acc.register_save_state_pre_hook(self._save_hook)
             acc.register_load_state_pre_hook(self._load_hook)
@@ -282,6 +267,7 @@ class Trainer:
         spec = self.spec
         if resume_from is not None:
             acc.load_state(str(resume_from))
+            self.state.load(resume_from)
             self.reporter.note(f"resumed from {resume_from} at step {self.state.step}")
         step = self.state.step
         if step >= self.total_steps:
@@ -394,6 +380,7 @@ class Trainer:
             writer.writerow(header)
             writer.writerows(kept)
         os.replace(tmp, path)
+        self.ledger.record(path, growing=True)  # a log: pie's while it only grows
         self._metrics_file = open(path, "a", newline="")  # noqa: SIM115 - written through the loop, closed after it
         return csv.writer(self._metrics_file)
 
@@ -413,7 +400,27 @@ class Trainer:
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step_N of this step (weights checked finite first), then older ones pruned."""
         self._check_finite(step)
-        return save_checkpoint(self.accelerator, self.out, step, self.total_steps, self.spec.keep_checkpoints)
+        path = save_checkpoint(
+            self.accelerator,
+            self.out,
+            step,
+            self.total_steps,
+            self.spec.keep_checkpoints,
+            extra=self.state.save,
+        )
+        if self.accelerator.is_main_process:
+            self.record_outputs(CHECKPOINTS)
+        return path
+
+    def record_outputs(self, *folders: str) -> None:
+        """Record the files now under ``folders`` of the run, and forget those gone (pruned checkpoints)."""
+        prefixes = tuple(f"{f}/" for f in folders)
+        gone = [
+            rel for rel in self.ledger.files if rel.startswith(prefixes) and not (self.out / rel).exists()
+        ]
+        self.ledger.forget(*gone, save=False)
+        new = [p for f in folders for p in (self.out / f).rglob("*") if p.is_file()]
+        self.ledger.record(*new)
 
     def validate(self, step: int) -> None:
         """Samples with the current weights under DIR/samples (main process only)."""

@@ -63,6 +63,7 @@ def write_samples(trainer: Trainer, step: int) -> None:
                 width=spec.resolution,
             ).images[0]
             save_png(image, samples / f"step_{step:06d}_prompt{k}.png")
+            trainer.ledger.record(samples / f"step_{step:06d}_prompt{k}.png")
         if spec.validation_image:
             img = open_image(Path(spec.validation_image), "--validation-image")
             mask = open_image(Path(spec.validation_mask), "--validation-mask")
@@ -81,6 +82,7 @@ def write_samples(trainer: Trainer, step: int) -> None:
                 )
             ]
             write_grid(frames, samples / f"step_{step:06d}_pie.png")
+            trainer.ledger.record(samples / f"step_{step:06d}_pie.png")
 
 
 def save_weights(trainer: Trainer) -> Path:
@@ -90,7 +92,9 @@ def save_weights(trainer: Trainer) -> Path:
     unet = acc.unwrap_model(trainer.unet)
     te = acc.unwrap_model(trainer.text_encoder) if trainer.train_te else None
     if trainer.spec.method == "lora":
-        return save_final_lora(out, unet, te)
+        weights = save_final_lora(out, unet, te)
+        trainer.ledger.record(weights)
+        return weights
     for name, module in (("unet", unet), ("text_encoder", te)):
         if module is None:
             continue
@@ -110,4 +114,6 @@ def save_weights(trainer: Trainer) -> Path:
         {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     )
     write_text(out / "model_index.json", json.dumps(index, indent=2))
+    trainer.ledger.record(out / "model_index.json", save=False)
+    trainer.record_outputs("unet", "text_encoder", "vae", "tokenizer", "scheduler")
     return out / "unet"

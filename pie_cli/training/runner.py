@@ -24,6 +24,7 @@ from typing import Any
 
 from pie_cli.core.registry import ModelSource
 from pie_cli.errors import Interrupted, UserError
+from pie_cli.imaging.ownership import Ledger
 from pie_cli.reporting import SILENT, Reporter
 from pie_cli.training.checkpoints import (
     COMPLETE,
@@ -97,9 +98,8 @@ def plan(
     run's configuration (when resuming) > defaults. ``check_out=False`` skips the ``--out``
     checks (a dry run writes nothing).
     """
-    from pie_cli.core.loading import check_weights
+    from pie_cli.core.model_files import check_weights
     from pie_cli.core.registry import resolve
-    from pie_cli.imaging.files import check_out_dir
     from pie_cli.training.data import class_records, load_data
 
     # 1. Configuration, checked before anything else.
@@ -122,19 +122,14 @@ def plan(
         if not torch.cuda.is_available():
             raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
 
-    # 2. Inputs, cheaply: output directory, model, data, images.
-    if not resume and check_out:
-        check_out_dir(
-            out,
-            overwrite,
-            not_empty="continue it with --resume latest, start over with --overwrite, or choose another directory",
-        )
+    # 2. Inputs, cheaply: model, data, images, and the output directory against them.
     source = resolve(spec.model)
     if source.loras:
         raise UserError(f"--model {spec.model} carries LoRA adapters; fine-tune from its base model instead.")
     check_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is written
     data = load_data(spec)
     prior = class_records(spec) if spec.class_data else None
+    _check_out(spec, source, data, resume is None and check_out, overwrite)
     if spec.validation_image:
         from pie_cli.imaging.masks import prepare_mask, require_nonempty
         from pie_cli.imaging.media import open_image
@@ -144,6 +139,45 @@ def plan(
         mask = prepare_mask(raw, image.size, spec.resolution, f"--validation-mask {spec.validation_mask}")
         require_nonempty(mask, raw, spec.resolution, f"--validation-mask {spec.validation_mask}")
     return TrainPlan(spec, source, data, prior, out, checkpoint, overwrite)
+
+
+def training_output(rel: str) -> bool:
+    """Whether a path (relative to the run folder) is one a `pie finetune` run writes."""
+    return rel.split("/")[0] in TRAINING_FILES
+
+
+def _check_out(
+    spec: TrainSpec, source: ModelSource, data: TrainingData, fresh: bool, overwrite: bool
+) -> None:
+    """--out is no input (model, data, class data, validation files), and is free for a fresh run."""
+    from pie_cli.imaging.files import check_out_dir
+    from pie_cli.imaging.ownership import plan_overwrite, refuse_overlap
+
+    out = Path(spec.out)
+    table = Path(data.source) if data.format in ("csv", "jsonl") else None
+    folder = Path(data.source) if data.format not in ("csv", "jsonl", "hf") else None
+    inputs = [
+        ("--model", source.path),
+        ("--unet", source.unet),
+        ("--data", folder or table),
+        ("--class-data", Path(spec.class_data) if spec.class_data else None),
+        ("--validation-image", Path(spec.validation_image) if spec.validation_image else None),
+        ("--validation-mask", Path(spec.validation_mask) if spec.validation_mask else None),
+    ]
+    refuse_overlap("--out", out, inputs, training_output)
+    if table is not None and out.resolve() in table.resolve().parents:
+        raise UserError(f"--data {table} lies inside --out {out}; keep the dataset out of the run folder.")
+    if not fresh:
+        return
+    check_out_dir(
+        out,
+        overwrite,
+        not_empty="continue it with --resume latest, start over with --overwrite, or choose another directory",
+    )
+    if overwrite:
+        plan_overwrite(
+            out, training_output, legacy_outputs=training_output
+        )  # refuses now what it would replace
 
 
 def defaulted_values(spec: TrainSpec) -> list[str]:
@@ -241,6 +275,7 @@ class _Summary:
 
             self.data.update(extra)
             write_text(self.out / SUMMARY, json.dumps(self.data, indent=2, default=str) + "\n")
+            Ledger(self.out).record(self.out / SUMMARY)
 
 
 def _prepare_folder(plan: TrainPlan, main: bool, summary: _Summary) -> None:
@@ -250,16 +285,15 @@ def _prepare_folder(plan: TrainPlan, main: bool, summary: _Summary) -> None:
         return
     created = not out.exists()
     if plan.overwrite and plan.checkpoint is None and out.is_dir():
-        for name in TRAINING_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        from pie_cli.imaging.ownership import plan_overwrite, remove_planned
+
+        # Only what pie can prove it wrote (checked again now, before anything goes).
+        remove_planned(out, plan_overwrite(out, training_output, legacy_outputs=training_output))
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)  # temporary files and half-saved checkpoints of a killed run
     try:
         write_yaml(plan.spec, out / CONFIG_FILE)
+        Ledger(out).record(out / CONFIG_FILE)
         summary.save()
     except OSError:  # a full disk before anything useful exists: leave nothing behind
         if created:

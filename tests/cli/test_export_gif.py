@@ -264,7 +264,11 @@ def test_existing_output_needs_overwrite(cli, tmp_path):
     result = export(cli, src, "--out", tmp_path / "a.gif")
     assert result.exit_code == 2 and "already exists; pass --overwrite" in result.stderr
     assert (tmp_path / "a.gif").read_bytes() == b"mine"
-    assert export(cli, src, "--out", tmp_path / "a.gif", "--overwrite").exit_code == 0
+    result = export(cli, src, "--out", tmp_path / "a.gif", "--overwrite")  # not pie's: never replaced
+    assert result.exit_code == 2 and "was not written by pie" in result.stderr
+    assert (tmp_path / "a.gif").read_bytes() == b"mine"
+    assert export(cli, src, "--out", tmp_path / "b.gif").exit_code == 0
+    assert export(cli, src, "--out", tmp_path / "b.gif", "--overwrite").exit_code == 0  # pie's own
 
 
 def test_every_format_says_it_is_synthetic_and_watermark_marks_only_the_corner(cli, tmp_path):

@@ -336,10 +336,12 @@ def test_existing_output_is_not_overwritten(cli, tmp_path):
     result = make(cli, image, tmp_path / "m.png", "--box", "1,1,50,50", resolution=96)
     assert result.exit_code == 2 and "already exists; pass --overwrite" in result.stderr
     assert (tmp_path / "m.png").read_bytes() == b"mine"
-    assert (
-        make(cli, image, tmp_path / "m.png", "--box", "1,1,50,50", "--overwrite", resolution=96).exit_code
-        == 0
-    )
+    result = make(cli, image, tmp_path / "m.png", "--box", "1,1,50,50", "--overwrite", resolution=96)
+    assert result.exit_code == 2 and "was not written by pie" in result.stderr  # the user's: never replaced
+    assert (tmp_path / "m.png").read_bytes() == b"mine"
+    assert make(cli, image, tmp_path / "p.png", "--box", "1,1,50,50", resolution=96).exit_code == 0
+    again = make(cli, image, tmp_path / "p.png", "--box", "1,1,60,60", "--overwrite", resolution=96)
+    assert again.exit_code == 0  # pie's own mask is replaced
 
 
 def test_explicit_make_subcommand(cli, tmp_path):

@@ -41,6 +41,6 @@ def test_demo_data_and_case_commands(cli, tmp_path):
     result = cli("demo", "case", "--out", tmp_path / "case")
     assert result.exit_code == 0, result.output
     names = {p.name for p in (tmp_path / "case").iterdir()}
-    assert names == {"chest.png", "left-lung.png", "right-lung.png", "truth.json"}
+    assert names == {"chest.png", "left-lung.png", "right-lung.png", "truth.json", ".pie-files.json"}
     truth = json.loads((tmp_path / "case" / "truth.json").read_text())
     assert truth["report"] == "no acute cardiopulmonary abnormality" and truth["effusion_left"] == 0

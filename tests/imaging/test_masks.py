@@ -14,14 +14,18 @@ from pie_cli.imaging.masks import latent_mask, mask_to_grey, prepare_mask, requi
 def test_mask_modes():
     assert mask_to_grey(Image.new("1", (4, 4), 1)).getextrema() == (255, 255)
     assert mask_to_grey(Image.new("RGB", (4, 4), (200, 200, 200))).getextrema() == (200, 200)
-    assert mask_to_grey(Image.new("LA", (4, 4), (90, 0))).getextrema() == (90, 90)
+    assert mask_to_grey(Image.new("LA", (4, 4), (90, 255))).getextrema() == (90, 90)  # opaque: its grey
+    assert mask_to_grey(Image.new("LA", (4, 4), (90, 0))).getextrema() == (0, 0)  # transparent = keep
     sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     assert mask_to_grey(sixteen).getextrema() == (255, 255)
     with pytest.raises(UserError, match="is a colour image"):
         mask_to_grey(Image.new("RGB", (4, 4), (0, 255, 0)), "m.png")
-    label_map = Image.fromarray(np.eye(4, dtype=np.uint16))
-    with pytest.raises(UserError, match="looks like a 0/1 label map"):
-        mask_to_grey(label_map, "labels.png")
+    label_map = Image.fromarray(
+        np.eye(4, dtype=np.uint16)
+    )  # a 16-bit {0, 1} label map: the 1s are the region
+    assert np.array_equal(np.asarray(mask_to_grey(label_map, "labels.png")), np.eye(4, dtype=np.uint8) * 255)
+    with pytest.raises(UserError, match="label map with labels 1, 2"):
+        mask_to_grey(Image.fromarray(np.diag([0, 1, 2, 0]).astype(np.uint8)), "labels.png")
 
 
 def test_mask_follows_the_image_geometry():

@@ -54,10 +54,12 @@ def test_a_directory_in_use_by_a_live_process_is_refused(cli, tiny_model, inputs
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
     from pie_cli.errors import UserError
-    from pie_cli.runs.locks import DirLock
+    from pie_cli.runs.locks import DirLock, read_owner
 
     with DirLock(tmp_path) as held:
-        assert held.held and json.loads((tmp_path / ".pie.lock").read_text())["pid"] == os.getpid()
+        assert held.held and read_owner(tmp_path / ".pie.lock")["pid"] == os.getpid()
+        with pytest.raises(UserError, match="in use by another pie process"):  # the process itself, once
+            DirLock(tmp_path).acquire()
     assert not (tmp_path / ".pie.lock").exists()
     (tmp_path / ".pie.lock").write_text(json.dumps({"pid": 1, "started": "x"}))  # pid 1 always runs
     with pytest.raises(UserError, match=r"in use by another pie process \(pid 1, since x\)"):

@@ -77,7 +77,10 @@ def test_cohort_runs_each_case_once_and_resumes(cli, inputs, tiny_model, tmp_pat
         ([{"image": "missing.png", "prompt": "x"}], "row 2: image"),
         ([{"image": "{img}", "prompt": "x", "colour": "red"}], "unknown column 'colour'"),
         ([{"image": "{img}", "prompt": "x", "steps": "many"}], "row 2: steps 'many' is not a valid value"),
-        ([{"image": "{img}", "prompt": "x"}, {"image": "{img}", "prompt": "y"}], "both write to 'chest'"),
+        (
+            [{"image": "{img}", "prompt": "x", "out": "a"}, {"image": "{img}", "prompt": "y", "out": "a"}],
+            "both write to 'a'",
+        ),
     ],
 )
 def test_bad_cohorts(cli, inputs, tiny_model, tmp_path, rows, message):

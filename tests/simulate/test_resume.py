@@ -99,7 +99,9 @@ def test_sigkill_leaves_a_resumable_run_and_its_stale_lock_is_taken_over(
     m = manifest(out)
     assert m["status"] == "running"  # nobody could say otherwise
     assert m["last_complete_frame"] == 1
-    assert json.loads((out / ".pie.lock").read_text())["pid"] == run.pid
+    from pie_cli.runs.locks import read_owner
+
+    assert read_owner(out / ".pie.lock")["pid"] == run.pid
 
     # A new run into the same directory is refused (not empty) ...
     again = cli(*args(tiny_model, paths, out))
@@ -198,9 +200,9 @@ def test_resume_refuses_what_it_cannot_continue(cli, tiny_model, inputs, tmp_pat
     result = cli("simulate", "--resume", "--out", out)
     assert result.exit_code == 2
     assert "frame_002.png was changed after pie wrote it" in result.stderr
-    # Resume with an image or --overwrite is ambiguous.
-    result = cli("simulate", inputs["image"], "--resume", "--out", out)
-    assert result.exit_code == 2 and "drop IMAGE, --cohort and --overwrite" in result.stderr
+    # Resume with --overwrite is a contradiction (IMAGE given again must only match: tests/test_untrusted_files.py).
+    result = cli("simulate", "--resume", "--out", out, "--overwrite")
+    assert result.exit_code == 2 and "drop --cohort and --overwrite" in result.stderr
 
 
 def test_resuming_a_complete_run_does_nothing(cli, tiny_model, inputs, tmp_path):

@@ -25,6 +25,7 @@ EXPECTED_FILES = {
     "mask.png",
     "progression.gif",
     "manifest.json",
+    ".pie-files.json",  # the ledger: what pie wrote here, so that --overwrite removes only that
 }
 
 
@@ -142,6 +143,7 @@ def test_overwrite_replaces_only_pie_files(cli, inputs, tiny_model, tmp_path):
         "mask.png",
         "progression.gif",
         "manifest.json",
+        ".pie-files.json",
         "notes.txt",
     }
     assert (out / "notes.txt").read_text() == "mine"

@@ -36,6 +36,7 @@ def test_trajectories_layout_and_equality_with_single_runs(cli, inputs, tiny_mod
         "mask.png",
         "uncertainty.png",
         "mean_final.png",
+        ".pie-files.json",  # one ledger for the whole case, traj_KK/ included
     }
     for k in range(3):
         names = {p.name for p in (out / f"traj_{k:02d}").iterdir()}

@@ -53,6 +53,15 @@ def _check_numbers(size: int, seed: int) -> None:
         raise UserError(f"--seed must be in [0, 2^63), got {seed}.")
 
 
+def _claim(out: Path, overwrite: bool, writes) -> None:
+    """``--out`` usable; with --overwrite, pie's earlier demo files there go, a user's file in the way is refused."""
+    from pie_cli.imaging.ownership import plan_overwrite, remove_planned
+
+    check_out_dir(out, overwrite, not_empty=_NOT_EMPTY)
+    if overwrite and out.is_dir():
+        remove_planned(out, plan_overwrite(out, writes, legacy_outputs=writes))
+
+
 @contextmanager
 def _restore_on_failure(out: Path) -> Iterator[None]:
     """On failure, leave ``out`` as it was found: removed if this command made it, emptied if it was empty."""
@@ -97,7 +106,9 @@ def data(
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}.")
     _check_numbers(size, seed)
-    check_out_dir(out, overwrite, not_empty=_NOT_EMPTY)
+    from pie_cli.demo.data import dataset_file
+
+    _claim(out, overwrite, dataset_file)
     with _restore_on_failure(out), writing(out), ProgressDisplay() as display:
         display.start(n, "phantoms")
         write_dataset(
@@ -125,7 +136,9 @@ def case(
     from pie_cli.demo.data import write_case
 
     _check_numbers(size, seed)
-    check_out_dir(out, overwrite, not_empty=_NOT_EMPTY)
+    from pie_cli.demo.data import case_file
+
+    _claim(out, overwrite, case_file)
     with _restore_on_failure(out), writing(out):
         paths = write_case(out, seed, size)
     info(

@@ -75,6 +75,7 @@ def export_gif(
     """Turn frames into an animation, a contact strip or a video for people to look at."""
     from pie_cli.imaging import animation as export
     from pie_cli.imaging.files import check_out_file
+    from pie_cli.imaging.ownership import refuse_overlap
     from pie_cli.runs import frames as run_frames
     from pie_cli.runs.manifest import run_id_of
 
@@ -105,6 +106,8 @@ def export_gif(
             ) from None
 
     sources, mask_path = run_frames.collect(inputs)
+    read = [("RUN_DIR_OR_FRAMES", source.path) for source in sources] + [("the run's mask", mask_path)]
+    refuse_overlap("--out", out_path, read)  # never one of the frames it reads, whatever --overwrite says
     images = run_frames.load(sources)
     mask = None
     if mask_outline:

@@ -65,6 +65,15 @@ def make(
         typer.Option("--from", metavar="MASK", help="An existing mask of any mode and size. Repeatable."),
     ] = None,
     level: Annotated[float, typer.Option("--level", help="Binarisation level for --from, in (0, 1].")] = 0.5,
+    label: Annotated[
+        int | None,
+        typer.Option(
+            "--label",
+            metavar="K",
+            help="--from is a label map (a segmentation's ids): take the pixels of label K.",
+            show_default=False,
+        ),
+    ] = None,
     threshold: Annotated[
         list[str] | None,
         typer.Option(
@@ -121,6 +130,7 @@ def make(
     from pie_cli.imaging.mask_regions import MaskSpec, build_mask
     from pie_cli.imaging.masks import mask_to_grey, require_image_size
     from pie_cli.imaging.media import open_image
+    from pie_cli.imaging.ownership import refuse_overlap
 
     spec = MaskSpec(
         resolution=resolution,
@@ -129,6 +139,7 @@ def make(
         polygons=tuple(polygon or ()),
         from_masks=tuple(from_mask or ()),
         level=level,
+        label=label,
         thresholds=tuple(threshold or ()),
         otsu=otsu,
         otsu_dark=otsu_dark,
@@ -143,6 +154,10 @@ def make(
     spec.check()
     if preview is not None and preview.resolve() == out_path.resolve():
         raise UserError(f"--preview {preview} is the same file as --out; give it another name.")
+    inputs = [("IMAGE", image), *[("--from", p) for p in spec.from_masks]]
+    for path, what in ((out_path, "--out"), (preview, "--preview")):
+        if path is not None:
+            refuse_overlap(what, path, inputs)  # never the image or a --from mask, whatever --overwrite says
     for path, what in ((out_path, "--out"), (preview, "--preview")):
         if path is None:
             continue
@@ -154,7 +169,7 @@ def make(
     require_image_size(img, image)
     from_images = {p: open_image(p, "--from mask") for p in spec.from_masks}
     for p, m in from_images.items():
-        mask_to_grey(m, p)  # mode errors now, before any work
+        mask_to_grey(m, p, spec.label)  # mode errors now, before any work
     mask, notes = build_mask(img, spec, from_images)
     for note in notes:
         warn(note)
@@ -220,5 +235,8 @@ def mask_info(
             f"bounding box      {data['bbox'] if data['bbox'] else '-'} (x0, y0, x1, y1)", markup=False
         )
         console.print(f"components        {data['components']}", markup=False)
+        console.print(f"read as           {data['interpretation']}", markup=False)
+        if data.get("exif_orientation"):
+            console.print(f"exif orientation  {data['exif_orientation']} (applied)", markup=False)
     for message in data["warnings"]:
         warn(message)

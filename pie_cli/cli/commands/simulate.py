@@ -25,6 +25,7 @@ from pie_cli.core.parameters import DEFAULTS, TUNABLE
 
 
 def simulate(
+    ctx: typer.Context,
     image: Annotated[
         Path | None,
         typer.Argument(
@@ -184,14 +185,17 @@ def simulate(
     if resume:
         if out is None:
             raise UserError("--resume needs --out DIR, the run directory to continue.")
-        if image is not None or cohort is not None or overwrite:
+        if cohort is not None or overwrite:
             raise UserError(
-                "--resume continues --out DIR with its own settings; drop IMAGE, --cohort and --overwrite."
+                "--resume continues --out DIR with its own settings; drop --cohort and --overwrite "
+                "(a cohort goes on when rerun without --resume)."
             )
         from pie_cli.simulate.resume import resume_run
 
+        # Options given again (a requeued SLURM job repeats its command line) must match the run.
+        given = {name: value for name, value in spec_values(spec).items() if _given(ctx, name)}
         with ProgressDisplay() as display:
-            done = resume_run(out, spec, display)
+            done = resume_run(out, spec, display, given=given)
         if done.already_complete:
             info(f"{out} is already complete; nothing to resume.")
         else:
@@ -228,3 +232,49 @@ def _default_out(name: Path | None) -> Path:
 
     stem = Path(name).stem if name is not None else "run"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# Options a resume takes on its own terms (where and how to compute), not as part of the run's identity.
+_RESUME_OWN = {
+    "out",
+    "device",
+    "dtype",
+    "compile_unet",
+    "allow_pickle",
+    "resume",
+    "overwrite",
+    "cohort",
+    "debug",
+}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return name not in _RESUME_OWN and source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def spec_values(spec) -> dict:
+    """Option name -> the spec's value for it (the names of the command's parameters)."""
+    from pie_cli.core.parameters import TUNABLE
+
+    values = {name: getattr(spec.params, name) for name in TUNABLE}
+    for name in (
+        "image",
+        "prompt",
+        "mask",
+        "model",
+        "scheduler",
+        "seed",
+        "unet",
+        "lora",
+        "gif",
+        "trajectories",
+    ):
+        values[name] = getattr(spec, name)
+    values.update(
+        prompt_schedule=spec.prompt_schedule,
+        strength_schedule=spec.strength_schedule,
+        guidance_schedule=spec.guidance_schedule,
+        watermark=spec.watermark,
+    )
+    return values
