@@ -315,7 +315,12 @@ def hf_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str] |
     commit = rev
     ref = repo_dir / "refs" / rev
     if ref.is_file():
-        commit = ref.read_text(encoding="utf-8").strip()
+        try:
+            commit = ref.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return None  # snapshots are named by commit: anything else (a bad ref, "..") never resolves
     snapshot = repo_dir / "snapshots" / commit
     if not snapshot.is_dir():
         return None

@@ -266,6 +266,7 @@ def check_out_dir(
     overwrite: bool,
     option: str = "--out",
     not_empty: str = "pass --overwrite to replace pie's files there, or choose another directory",
+    ignore: tuple[str, ...] = (".pie.lock",),
 ) -> None:
     """Refuse an output directory that is a file, is not empty without ``overwrite``, or cannot be created.
 
@@ -275,7 +276,7 @@ def check_out_dir(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path} exists and is not a directory.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if path.is_dir() and any(p.name not in ignore for p in path.iterdir()) and not overwrite:
         raise UserError(f"{option} {path} is not empty; {not_empty}.")
     check_creatable(path, option)
 

@@ -51,6 +51,12 @@ def open_image(path: Path, what: str = "image") -> Image.Image:
         return read_dicom(path, what)
     try:
         with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # an MPO (a phone's JPEG) is its first image plus extras
+                raise UserError(
+                    f"{what} {path} holds {frames} images (pages or frames); pie works on one 2-D image, "
+                    "so save the one you want as its own file."
+                )
             img.load()
             orientation = _exif_orientation(img)
             if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PNG"):
@@ -60,6 +66,8 @@ def open_image(path: Path, what: str = "image") -> Image.Image:
             else:
                 read = img.copy()
         return _orient(read, orientation)
+    except UserError:
+        raise
     except UnidentifiedImageError:
         raise UserError(
             f"{what} {path} is not an image pie can read (PNG, JPEG, TIFF, BMP, WebP, DICOM)."
@@ -193,3 +201,14 @@ def fit_square(img: Image.Image, resolution: int, resample: Image.Resampling = I
 def prepare_image(img: Image.Image, resolution: int) -> Image.Image:
     """The frame-0 image pie works on: 8-bit RGB, resolution x resolution."""
     return fit_square(to_rgb8(img), resolution)
+
+
+def require_opaque(img: Image.Image, path: Path | str, what: str = "image") -> None:
+    """Refuse an image with transparent pixels: what lies under them is not in the file, so any
+    flattening pie chose would be a guess (flatten it yourself onto the background you mean)."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min(initial=255) < 255:
+            raise UserError(
+                f"{what} {path} has transparent pixels; pie needs an opaque image (flatten it onto its background first)."
+            )

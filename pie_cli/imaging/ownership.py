@@ -81,7 +81,7 @@ class Ledger:
     """
 
     def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+        self.folder = Path(os.path.abspath(folder))
         self.files: dict[str, str] = self._read()
         self._set: dict[str, str] = {}
         self._drop: set[str] = set()
@@ -113,13 +113,13 @@ class Ledger:
             return False
 
     def record(self, *paths: Path, save: bool = True, growing: bool = False) -> None:
-        """Note files pie has just written (absolute, or relative to the folder).
+        """Note files pie has just written (paths as the caller names them: absolute or from the cwd).
 
         ``growing`` is for a log pie appends to (``metrics.csv``): what is there now is recorded
         as its beginning, and the file stays pie's while it only grows.
         """
         for path in paths:
-            path = Path(path) if Path(path).is_absolute() else self.folder / path
+            path = Path(os.path.abspath(path))
             rel = path.relative_to(self.folder).as_posix()
             self._set[rel] = self.files[rel] = _prefix_print(path) if growing else fingerprint(path)
             self._drop.discard(rel)
@@ -292,7 +292,9 @@ def plan_overwrite(
             remove.append(path)
             continue
         ledger = ledger_for(path)
-        if ledger is not None and ledger.owns(path.relative_to(ledger.folder).as_posix()):
+        if ledger is not None and ledger.owns(
+            Path(os.path.abspath(path)).relative_to(ledger.folder).as_posix()
+        ):
             remove.append(path)
         elif will_write(rel):
             # A manifest is pie's record whatever became of it: a valid pie manifest is replaced.

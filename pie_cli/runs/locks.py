@@ -94,6 +94,14 @@ def _guard(path: Path) -> str:
     return str(Path(tempfile.gettempdir()) / f"pie-lock-takeover-{key}.lock")
 
 
+def _abandoned(path: Path, age: float = 5.0) -> bool:
+    """A lock file nobody can read (empty, garbled) that has not changed for ``age`` seconds."""
+    try:
+        return read_owner(path) is None and time.time() - path.stat().st_mtime > age
+    except OSError:
+        return False
+
+
 def _stale(owner: dict | None) -> bool:
     """A lock of a process of this host that no longer runs."""
     return owner is not None and _here(owner) and owner["pid"] != os.getpid() and not pid_alive(owner["pid"])
@@ -113,7 +121,7 @@ class DirLock:
     def acquire(self) -> DirLock:
         from filelock import FileLock
 
-        if not _stale(read_owner(self.path)):
+        if not (_stale(read_owner(self.path)) or _abandoned(self.path)):
             return self._take()
         # Judged again under a guard, so two processes finding one stale lock do not both take it. The
         # guard lives in the temporary folder: the run folder holds nothing but what the run writes.
@@ -127,6 +135,12 @@ class DirLock:
                 if owner["legacy"]:  # pie 0.1.0's JSON lock: filelock cannot judge it
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()
+            elif _abandoned(self.path):
+                self.warn(
+                    f"taking over an unreadable lock file {self.path} (empty or garbled, untouched for a while)."
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
             return self._take()
 
     def _take(self) -> DirLock:

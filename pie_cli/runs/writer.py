@@ -18,6 +18,7 @@ trajectory, with the top manifest tracking their common progress.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,10 @@ class RunWriter:
         there after this one's early checks must not be written into. With ``overwrite`` the files
         pie can prove it wrote are deleted first (``imaging.ownership.plan_overwrite``); nothing else.
         """
+        if self.lock is None and self.path.is_symlink():
+            raise UserError(
+                f"--out: {self.path} is a symbolic link; pie writes only into folders of the run itself."
+            )
         if not self.path.exists():
             self.path.mkdir(parents=True)
             self.created_dir = True
@@ -141,7 +146,7 @@ class RunWriter:
         self.write_manifest()
 
     def _rel(self, path: Path) -> str:
-        return Path(path).relative_to(self.ledger.folder).as_posix()
+        return Path(os.path.abspath(path)).relative_to(self.ledger.folder).as_posix()
 
     def write_mask(self, mask: Image.Image) -> None:
         save_png(mask, self.path / MASK, self.run_id)

@@ -62,13 +62,14 @@ def prepare_inputs(spec: SimulateSpec) -> Inputs:
     from pie_cli.core.model_files import check_weights, resolve_unet_path
     from pie_cli.core.registry import parse_lora, resolve
     from pie_cli.imaging.masks import prepare_mask, require_image_size, require_nonempty
-    from pie_cli.imaging.media import open_image
+    from pie_cli.imaging.media import open_image, require_opaque
 
     config = build_config(spec)
     if spec.image is None:
         raise UserError("give an IMAGE (or --cohort CSV).")
     image = open_image(spec.image, "image")
     require_image_size(image, spec.image)
+    require_opaque(image, spec.image)
     mask = None
     if spec.mask is not None:
         raw_mask = open_image(spec.mask, "mask")

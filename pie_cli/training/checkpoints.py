@@ -54,7 +54,16 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
+    """A checkpoint folder whose marker (written last) is there and names its own step."""
+    marker = Path(path) / COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    step = data.get("step") if isinstance(data, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool) and step == checkpoint_step(Path(path))
 
 
 def step_dirs(out: Path) -> list[Path]:

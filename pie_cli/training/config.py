@@ -241,6 +241,23 @@ def coerce(name: str, value: Any, where: str) -> Any:
     raise UserError(f"{where}: {name} must be {kind}, got {value!r}.")
 
 
+def _no_alias_loader():
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """yaml's safe loader, refusing aliases: a few lines of anchors can expand to gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a pie recipe", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def read_yaml(path: Path, what: str = "--config") -> dict[str, Any]:
     import yaml
 
@@ -249,7 +266,7 @@ def read_yaml(path: Path, what: str = "--config") -> dict[str, Any]:
     path = Path(path)
     text = read_text_file(path, what, limit=1 << 20)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_no_alias_loader()) or {}  # a SafeLoader without aliases
     except (yaml.YAMLError, RecursionError) as exc:
         raise UserError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
     if not isinstance(data, dict):

@@ -266,7 +266,16 @@ class Trainer:
         acc = self.accelerator
         spec = self.spec
         if resume_from is not None:
-            acc.load_state(str(resume_from))
+            try:
+                acc.load_state(str(resume_from))
+            except MemoryError:
+                raise
+            except Exception as exc:  # torch, safetensors and accelerate each raise their own kinds
+                from pie_cli.errors import UserError, one_line
+
+                raise UserError(
+                    f"--resume: checkpoint {resume_from} cannot be loaded ({one_line(exc)})."
+                ) from None
             self.state.load(resume_from)
             self.reporter.note(f"resumed from {resume_from} at step {self.state.step}")
         step = self.state.step

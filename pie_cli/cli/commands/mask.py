@@ -129,7 +129,7 @@ def make(
     from pie_cli.imaging.files import check_out_file
     from pie_cli.imaging.mask_regions import MaskSpec, build_mask
     from pie_cli.imaging.masks import mask_to_grey, require_image_size
-    from pie_cli.imaging.media import open_image
+    from pie_cli.imaging.media import open_image, require_opaque
     from pie_cli.imaging.ownership import refuse_overlap
 
     spec = MaskSpec(
@@ -167,6 +167,7 @@ def make(
 
     img = open_image(image, "image")
     require_image_size(img, image)
+    require_opaque(img, image)
     from_images = {p: open_image(p, "--from mask") for p in spec.from_masks}
     for p, m in from_images.items():
         mask_to_grey(m, p, spec.label)  # mode errors now, before any work
