@@ -172,3 +172,14 @@ def test_relative_output_paths_are_recorded_and_replaced(cli, tiny_model, tmp_pa
         "right-lung.png",
         "truth.json",
     }
+
+
+def test_training_images_with_transparency_or_pages_are_refused_before_training(cli, tiny_model, tmp_path):
+    data = colour_folder(tmp_path / "data")
+    first = sorted(data.glob("*.png"))[0]
+    rgba = np.dstack([np.asarray(Image.open(first).convert("RGB")), np.full((32, 32), 255, np.uint8)])
+    rgba[:4, :4, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(first)
+    result = cli(*finetune_argv(data, tiny_model, tmp_path / "run", max_steps=1))
+    check_refused(result, first.name, "transparent")
+    assert not (tmp_path / "run").exists()

@@ -116,11 +116,17 @@ def check_images(data: TrainingData, progress: Callable[[int, int], None] | None
         try:
             with Image.open(path) as img:
                 _check_complete(img, path)
+                alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+                pages = getattr(img, "n_frames", 1) > 1 and img.format != "MPO"
         except FileNotFoundError:
             raise UserError(f"image {path} ({record.where}) does not exist.") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             reason = "not an image pie can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
             raise UserError(f"image {path} ({record.where}) cannot be read: {reason}.") from None
+        if alpha or pages:  # only these few are decoded here: like simulate, never guess under transparency
+            from pie_cli.imaging.media import open_image, require_opaque
+
+            require_opaque(open_image(path, f"image ({record.where})"), path, f"image ({record.where})")
         if progress is not None:
             progress(k + 1, len(data.records))
 
