@@ -51,6 +51,7 @@ class PieConfig:
     prompt_schedule: tuple[str, ...] = ()
     strength_schedule: tuple[float, ...] = ()
     guidance_schedule: tuple[float, ...] = ()
+    beta2_schedule: tuple[float, ...] = ()  # b2 per step: how much of each step's edit the frame shows
 
     def prompt_at(self, n: int) -> str:
         return self.prompt_schedule[n - 1] if self.prompt_schedule else self.prompt
@@ -60,6 +61,9 @@ class PieConfig:
 
     def guidance_at(self, n: int) -> float:
         return self.guidance_schedule[n - 1] if self.guidance_schedule else self.guidance_scale
+
+    def beta2_at(self, n: int) -> float:
+        return self.beta2_schedule[n - 1] if self.beta2_schedule else self.beta2
 
     def prompts(self) -> list[str]:
         """Every distinct prompt of the run, in order of first use."""
@@ -77,6 +81,7 @@ class PieConfig:
             ("prompt_schedule", self.prompt_schedule),
             ("strength_schedule", self.strength_schedule),
             ("guidance_schedule", self.guidance_schedule),
+            ("beta2_schedule", self.beta2_schedule),
         ):
             if schedule and len(schedule) != self.steps:
                 found.append((name, f"has {len(schedule)} entries but --steps is {self.steps}"))
@@ -107,6 +112,10 @@ class PieConfig:
         for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0.0 <= value <= 1.0:
                 found.append((name, f"must be in [0, 1], got {value:g}"))
+        for value in self.beta2_schedule:
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                found.append(("beta2_schedule", f"values must be in [0, 1], got {value:g}"))
+                break
         problem = resolution_problem(self.resolution)
         if problem is not None:
             found.append(("resolution", problem))
@@ -120,6 +129,6 @@ class PieConfig:
 
 # The per-run parameters a user sets directly, one option each (``--strength`` is ``strength``);
 # the prompt and the per-step schedules are read from their own options and files.
-SCHEDULES = ("prompt_schedule", "strength_schedule", "guidance_schedule")
+SCHEDULES = ("prompt_schedule", "strength_schedule", "guidance_schedule", "beta2_schedule")
 TUNABLE = tuple(f.name for f in fields(PieConfig) if f.name != "prompt" and f.name not in SCHEDULES)
 DEFAULTS = PieConfig(prompt="")

@@ -22,6 +22,7 @@ diffusers' own img2img for the maskless case):
                   if mask and i > 0: z_t = ref_i * (1 - M) + z_t * M
                   eps = eps_u + w * (eps_c - eps_u);  z_t = scheduler.step(eps, t, z_t)
               z_out = z_init + (z_t - z_init) * (b1 * (1 - M) + b2 * M)   (z_t without a mask)
+              (opt-in, not the original's: b2 may vary per step, ``beta2_schedule``)
               x_n = 8-bit RGB of clamp(VAE.decode(z_out / sf) / 2 + 0.5, 0, 1)
               (the next step starts from this rounded 8-bit frame: part of the method)
 
@@ -298,7 +299,7 @@ def _progression_step(
     if prep.mask is None:
         z_out = z_t
     else:
-        weight = config.beta1 * (1 - prep.mask) + config.beta2 * prep.mask
+        weight = config.beta1 * (1 - prep.mask) + config.beta2_at(n) * prep.mask
         z_out = prep.z_init + (z_t - prep.z_init) * weight
 
     _require_finite(z_out, n, "latents")

@@ -22,7 +22,7 @@ from pie_cli.core.parameters import SCHEDULES
 from pie_cli.errors import Interrupted, UserError
 from pie_cli.reporting import SILENT, Reporter
 from pie_cli.runs.manifest import COHORT_SUMMARY
-from pie_cli.simulate.spec import COLUMNS, SimulateSpec
+from pie_cli.simulate.spec import COLUMNS, SCHEDULE_RECORDS, SimulateSpec, build_config
 
 PATH_COLUMNS = tuple(name for name, kind in COLUMNS.items() if kind is Path)
 SUMMARY_HEADER = ["case", "status", "seconds", "output"]
@@ -278,6 +278,13 @@ def _changed(out: Path, spec: SimulateSpec) -> str | None:
         if name in SCHEDULES or recorded.get(name) == value:
             continue
         return f"{name} {recorded.get(name)!r} -> {value!r}"
+    # Schedules by their values, not their spelling or file name ("0.3:0.5" is "0.3,0.4,0.5").
+    config = build_config(spec)
+    for option, key in SCHEDULE_RECORDS.items():
+        now = list(getattr(config, option))
+        before = recorded.get(key) or []
+        if now != before:
+            return f"--{option.replace('_', '-')} {before!r} -> {now!r}"
     run = manifest.get("run") if isinstance(manifest.get("run"), dict) else {}
     if run.get("model") != spec.model:
         return f"model {run.get('model')!r} -> {spec.model!r}"

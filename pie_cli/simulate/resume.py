@@ -107,6 +107,7 @@ def plan_resume(
         prompt_schedule=None,  # the schedules' recorded values are used, not their files
         strength_schedule=None,
         guidance_schedule=None,
+        beta2_schedule=None,
         compile=base.compile or bool(record.get("compile")),
         allow_pickle=base.allow_pickle,  # never from the file: pickles open only when the command says so
     )
@@ -198,8 +199,8 @@ def _check_given(
             )
         elif name == "prompt_schedule":
             same = value is None or read_prompts(value, config.steps, spec.prompt) == config.prompt_schedule
-        elif name in ("strength_schedule", "guidance_schedule"):
-            recorded = config.strength_schedule if name == "strength_schedule" else config.guidance_schedule
+        elif name in ("strength_schedule", "guidance_schedule", "beta2_schedule"):
+            recorded = getattr(config, name)
             same = value is None or parse_numbers(value, config.steps, flag) == recorded
         else:
             current = (

@@ -52,6 +52,7 @@ class SimulateSpec:
     prompt_schedule: Path | None = None  # a file of prompts
     strength_schedule: str | None = None  # "0.3,0.4" or "0.3:0.6"
     guidance_schedule: str | None = None
+    beta2_schedule: str | None = None
     compile: bool = False
     watermark: bool = False
     allow_pickle: bool = False
@@ -80,13 +81,14 @@ class SimulateSpec:
 
 # What a manifest records under "parameters": the prompt, every PIE parameter, and the run options
 # that shape the frames. The schedules' parsed values are recorded beside them as "prompts",
-# "strengths" and "guidance_scales".
+# "strengths", "guidance_scales" and "beta2s".
 RUN_PARAMETERS = ("scheduler", "seed", "gif", "trajectories", *SCHEDULES, "compile", "watermark")
 RECORDED = ("prompt", *TUNABLE, *RUN_PARAMETERS)
 SCHEDULE_RECORDS = {
     "prompt_schedule": "prompts",
     "strength_schedule": "strengths",
     "guidance_schedule": "guidance_scales",
+    "beta2_schedule": "beta2s",
 }
 
 
@@ -139,18 +141,18 @@ def recorded_value(name: str, value: Any, where: str) -> Any:
 
 def build_config(
     spec: SimulateSpec,
-    schedules: tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]] | None = None,
+    schedules: tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> PieConfig:
     """The checked PIE parameters of ``spec``; a ``UserError`` naming the first bad option.
 
     The per-step schedules are read from the spec's options, or given as already parsed
-    ``(prompts, strengths, guidance scales)`` (a resumed run's recorded values).
+    ``(prompts, strengths, guidance scales, beta2s)`` (a resumed run's recorded values).
     """
     from pie_cli.core.schedules import parse_numbers, read_prompts
 
     steps = spec.params.steps
     if schedules is not None:
-        prompts, strengths, guidances = schedules
+        prompts, strengths, guidances, beta2s = schedules
     else:
         prompts = ()
         if steps >= 1 and spec.prompt_schedule is not None:
@@ -165,6 +167,7 @@ def build_config(
             if spec.guidance_schedule
             else ()
         )
+        beta2s = parse_numbers(spec.beta2_schedule, steps, "--beta2-schedule") if spec.beta2_schedule else ()
     if not prompts and not (spec.prompt or "").strip():
         raise UserError(f"--prompt is empty; describe the finding to simulate, e.g. {EXAMPLE_PROMPT!r}.")
     config = replace(
@@ -173,6 +176,7 @@ def build_config(
         prompt_schedule=tuple(prompts),
         strength_schedule=tuple(strengths),
         guidance_schedule=tuple(guidances),
+        beta2_schedule=tuple(beta2s),
     )
     for name, problem in config.problems():
         raise UserError(f"--{name.replace('_', '-')} {problem}.")

@@ -348,3 +348,24 @@ def test_prompt_schedule_changes_the_prompt_per_step(components, phantom):
     assert max_diff(other[1], plain[1]) == 0 and max_diff(other[2], plain[2]) > 0
     with pytest.raises(ValueError, match="prompt_schedule has 1 entries but --steps is 2"):
         run(components, image, left, steps=2, prompt_schedule=(PROMPT,))
+
+
+def test_beta2_schedule_sets_what_each_step_keeps(components, phantom):
+    """b2 per step: a constant schedule is the default run; b2 = 0 keeps the mask's inside at frame 0."""
+    image, _, left = phantom
+    plain = run(components, image, left, steps=2)
+    constant = run(components, image, left, steps=2, beta2_schedule=(0.75, 0.75))
+    assert all(max_diff(a, b) == 0 for a, b in zip(plain, constant, strict=True))
+    later = run(components, image, left, steps=2, beta2_schedule=(0.75, 0.2))
+    assert max_diff(later[1], plain[1]) == 0 and max_diff(later[2], plain[2]) > 0
+    # Inside the mask the frame moves away from b2 = 0's (the VAE round trip of frame 0) as b2 grows.
+    inside = pixels(left) > 127
+    frame = {
+        b: pixels(run(components, image, left, steps=1, beta2_schedule=(b,))[1]) for b in (0.0, 0.5, 1.0)
+    }
+    moved = [np.abs(frame[b] - frame[0.0])[inside].mean() for b in (0.5, 1.0)]
+    assert 0 < moved[0] < moved[1]
+    with pytest.raises(ValueError, match="beta2_schedule has 1 entries but --steps is 2"):
+        run(components, image, left, steps=2, beta2_schedule=(0.5,))
+    with pytest.raises(ValueError, match=r"beta2_schedule values must be in \[0, 1\], got 1.5"):
+        run(components, image, left, steps=1, beta2_schedule=(1.5,))

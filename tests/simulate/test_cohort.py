@@ -72,6 +72,52 @@ def test_cohort_runs_each_case_once_and_resumes(cli, inputs, tiny_model, tmp_pat
 
 
 @pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"strength": "0.6"}, "strength 0.5 -> 0.6"),
+        ({"beta2-schedule": "0.2:0.8"}, "--beta2-schedule [] -> [0.2, 0.8]"),
+        ({"prompt": "large effusion"}, "prompt 'small effusion' -> 'large effusion'"),
+    ],
+)
+def test_a_cohort_rerun_with_other_settings_refuses_or_reruns(
+    cli, inputs, tiny_model, tmp_path, change, message
+):
+    """A complete case is skipped only when its manifest holds the same settings; else refused, or rerun."""
+    row = {"image": str(inputs["image"]), "mask": str(inputs["mask"]), "prompt": "small effusion", "out": "a"}
+    out = tmp_path / "cohort"
+    assert cli(*cohort_argv(write_cohort(tmp_path, inputs, [row]), out, model=tiny_model)).exit_code == 0
+    frames = {p.name: p.read_bytes() for p in (out / "a").glob("frame_*.png")}
+    cohort = write_cohort(tmp_path, inputs, [{**row, **change}])
+    result = cli(*cohort_argv(cohort, out, model=tiny_model))
+    assert result.exit_code == 2, result.output
+    assert f"case a is complete in {out / 'a'} with other settings ({message}); pass --overwrite" in " ".join(
+        result.stderr.split()
+    )
+    assert {p.name: p.read_bytes() for p in (out / "a").glob("frame_*.png")} == frames  # nothing touched
+    result = cli(*cohort_argv(cohort, out, "--overwrite", model=tiny_model))
+    assert result.exit_code == 0, result.output
+    with open(out / "cohort_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["complete"]
+    assert {p.name: p.read_bytes() for p in (out / "a").glob("frame_*.png")} != frames
+    # Run again with the new settings: now they match, the case is skipped.
+    result = cli(*cohort_argv(cohort, out, model=tiny_model))
+    assert result.exit_code == 0, result.output
+    with open(out / "cohort_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["skipped (complete)"]
+
+
+def test_a_schedule_spelled_otherwise_is_the_same_schedule(cli, inputs, tiny_model, tmp_path):
+    row = {"image": str(inputs["image"]), "prompt": "effusion", "out": "a", "strength-schedule": "0.4:0.6"}
+    out = tmp_path / "cohort"
+    assert cli(*cohort_argv(write_cohort(tmp_path, inputs, [row]), out, model=tiny_model)).exit_code == 0
+    cohort = write_cohort(tmp_path, inputs, [{**row, "strength-schedule": "0.4,0.6"}])
+    result = cli(*cohort_argv(cohort, out, model=tiny_model))
+    assert result.exit_code == 0, result.output
+    with open(out / "cohort_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["skipped (complete)"]
+
+
+@pytest.mark.parametrize(
     ("rows", "message"),
     [
         ([{"image": "missing.png", "prompt": "x"}], "row 2: image"),

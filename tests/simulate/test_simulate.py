@@ -413,6 +413,8 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
             "0.4:0.6",
             "--guidance-schedule",
             "5,9",
+            "--beta2-schedule",
+            "0.3:0.9",
             model=tiny_model,
             mask=inputs["mask"],
             prompt=None,
@@ -424,6 +426,7 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
     params = json.loads((out / "manifest.json").read_text())["parameters"]
     assert params["prompts"] == ["small left pleural effusion", "large left pleural effusion"]
     assert params["strengths"] == [0.4, 0.6] and params["guidance_scales"] == [5.0, 9.0]
+    assert params["beta2s"] == [0.3, 0.9] and params["beta2_schedule"] == "0.3:0.9"
 
     (tmp_path / "one.txt").write_text("only one\n")
     for args, message in (
@@ -439,6 +442,14 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
         (
             ["--prompt", "x", "--strength-schedule", "0.5:1.5"],
             "--strength-schedule must be in (0, 1], got 1.5.",
+        ),
+        (
+            ["--prompt", "x", "--beta2-schedule", "0.5,1.2"],
+            "--beta2-schedule values must be in [0, 1], got 1.2.",
+        ),
+        (
+            ["--prompt", "x", "--beta2-schedule", "0.5"],
+            "--beta2-schedule '0.5' has 1 values but --steps is 2.",
         ),
     ):
         result = cli(

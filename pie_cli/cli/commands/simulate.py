@@ -127,6 +127,16 @@ def simulate(
             help="Guidance scale per step: comma list or linear ramp.",
         ),
     ] = None,
+    beta2_schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--beta2-schedule",
+            metavar="LIST|START:END",
+            show_default=False,
+            help="Blend weight b2 inside the mask per step (how much of each step's edit is kept), "
+            "e.g. 0.2:0.9 for a finding that grows; comma list or linear ramp. Default: --beta2 every step.",
+        ),
+    ] = None,
     cohort: Annotated[
         Path | None,
         typer.Option(
@@ -178,6 +188,7 @@ def simulate(
         prompt_schedule=prompt_schedule,
         strength_schedule=strength_schedule,
         guidance_schedule=guidance_schedule,
+        beta2_schedule=beta2_schedule,
         compile=compile_unet,
         watermark=watermark,
         allow_pickle=allow_pickle,
@@ -275,6 +286,7 @@ def spec_values(spec) -> dict:
         prompt_schedule=spec.prompt_schedule,
         strength_schedule=spec.strength_schedule,
         guidance_schedule=spec.guidance_schedule,
+        beta2_schedule=spec.beta2_schedule,
         watermark=spec.watermark,
     )
     return values
