@@ -88,9 +88,14 @@ def evaluate_run(
 
         scorer = load_classifier(classifier)
         label = pick_label(scorer.labels, prompt, target_label)
-        probs = scorer.predict(frames)[:, scorer.labels.index(label)]
+        scores = scorer.predict(frames)
+        probs = scores[:, scorer.labels.index(label)]
         for m, p in zip(metrics, probs, strict=True):
             m.confidence = round(float(p), 6)
+        graded = f"{label}_severity"  # a classifier that grades gives the expected grade too
+        if graded in scorer.labels:
+            for m, s in zip(metrics, scores[:, scorer.labels.index(graded)], strict=True):
+                m.severity = round(float(s), 6)
     if clip is not None:
         from pie_cli.evaluation.scorers import ClipImages
 
@@ -140,3 +145,38 @@ def _check_replaceable(path: Path, ledger) -> None:
             f"RUN_DIR {path.parent} holds {path.name}, which pie did not write (or which changed since); "
             "pie never replaces it: move it away and evaluate again."
         )
+
+
+def headline(run_dir: Path) -> dict[str, Any]:
+    """The headline measures of a finished run folder, for a cohort's summary: the final change inside
+    the mask, the lowest PSNR outside it, and the pace of the change (share at step 1, steps to 90 %,
+    Spearman); for a trajectory run, the mean over its trajectories (``traj_KK/``)."""
+    import numpy as np
+
+    from pie_cli.evaluation.metrics import frame_metrics, summarise
+    from pie_cli.runs import frames as run_frames
+
+    run_dir = Path(run_dir)
+    folders = sorted(p for p in run_dir.glob("traj_[0-9][0-9]") if p.is_dir()) or [run_dir]
+    found: dict[str, list[float]] = {}
+    for folder in folders:
+        sources, mask_path = run_frames.collect([folder])
+        mask_path = mask_path or (run_dir / "mask.png" if (run_dir / "mask.png").is_file() else None)
+        frames = run_frames.load(sources)
+        mask = run_frames.load_mask(mask_path, frames) >= 128 if mask_path is not None else None
+        summary = summarise(frame_metrics(frames, mask if mask is not None and mask.any() else None))
+        pace = summary.get("pace", {})
+        values = {
+            "final_change_in_mask": summary.get("final_change_in_mask"),
+            "min_psnr_outside": summary.get("min_psnr_outside"),
+            "first_step_share": pace.get("first_step_share"),
+            "steps_to_90": pace.get("steps_to_90"),
+            "spearman": pace.get("spearman"),
+        }
+        for key, value in values.items():
+            found.setdefault(key, []).append(value)
+    out: dict[str, Any] = {}
+    for key, values in found.items():
+        if all(v is not None for v in values):  # a measure some trajectory lacks is left out, not guessed
+            out[key] = values[0] if len(values) == 1 else round(float(np.mean(values)), 4)
+    return out

@@ -2,10 +2,12 @@
 
 Per frame, against frame 0 unless said otherwise:
 - ``change_in_mask``: mean |frame - frame 0| inside the mask, in grey levels (0-255);
-- ``psnr_outside`` / ``ssim_outside``: PSNR (dB, capped at 100 for identical pixels) and
-  SSIM (Gaussian window, sigma 1.5) over the pixels outside the mask;
+- ``psnr_outside`` / ``ssim_outside``: PSNR (dB) and SSIM (Gaussian window, sigma 1.5) over the
+  pixels outside the mask; no PSNR (None, an empty CSV cell) for frame 0, which is the reference,
+  nor for a frame identical outside (infinite PSNR, counted in ``identical_outside``): no stand-in values;
 - ``step_change``: mean |frame - previous frame| over the whole image;
-- ``confidence`` / ``clip_i``: filled in by the optional scorers.
+- ``confidence`` / ``severity`` / ``clip_i``: filled in by the optional scorers (``severity``: a
+  graded classifier's expected grade, scaled to 0-1, such as the demo classifier's).
 
 Without a mask, "inside" is the whole image and the outside metrics are absent.
 """
@@ -18,19 +20,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-PSNR_CAP = 100.0
-
 
 def grey(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float64)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    """PSNR in dB; ``math.inf`` for identical pixels."""
     diff = (a - b) ** 2
     mse = float(diff[where].mean() if where is not None else diff.mean())
     if mse == 0:
-        return PSNR_CAP
-    return min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
+        return math.inf
+    return 10 * math.log10(255.0**2 / mse)
 
 
 def _gaussian_blur(x: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
@@ -59,6 +60,7 @@ class FrameMetrics:
     ssim_outside: float | None
     step_change: float
     confidence: float | None = None
+    severity: float | None = None
     clip_i: float | None = None
 
 
@@ -71,10 +73,11 @@ def frame_metrics(frames: list[Image.Image], mask: np.ndarray | None) -> list[Fr
     out = []
     for i, cur in enumerate(g):
         ref = g[0]
+        db = psnr(cur, ref, outside) if has_outside and i else None
         metrics = FrameMetrics(
             index=i,
             change_in_mask=float(np.abs(cur - ref)[inside].mean()) if inside.any() else 0.0,
-            psnr_outside=psnr(cur, ref, outside) if has_outside else None,
+            psnr_outside=db if db is not None and math.isfinite(db) else None,
             ssim_outside=float(ssim_map(cur, ref)[outside].mean()) if has_outside else None,
             step_change=float(np.abs(cur - g[i - 1]).mean()) if i else 0.0,
         )
@@ -89,12 +92,23 @@ def summarise(metrics: list[FrameMetrics], tolerance: float = 1e-3) -> dict:
         "final_change_in_mask": round(metrics[-1].change_in_mask, 4),
     }
     outside = [m.psnr_outside for m in metrics[1:] if m.psnr_outside is not None]
+    ssim = [m.ssim_outside for m in metrics[1:] if m.ssim_outside is not None]
+    if ssim:
+        summary["identical_outside"] = len(ssim) - len(outside)  # frames whose PSNR is infinite
+        summary["min_ssim_outside"] = round(min(ssim), 5)
     if outside:
         summary["min_psnr_outside"] = round(min(outside), 3)
         summary["mean_psnr_outside"] = round(float(np.mean(outside)), 3)
-        summary["min_ssim_outside"] = round(
-            min(m.ssim_outside for m in metrics[1:] if m.ssim_outside is not None), 5
-        )
+    curve = progression_curve(metrics)
+    if curve is not None and len(metrics) > 1:
+        from pie_cli.evaluation.pace import describe, pace
+
+        name, values = curve
+        measures = pace(values)
+        what = {"severity": "the severity", "confidence": "the confidence", "change_in_mask": "the change"}[
+            name
+        ]
+        summary["pace"] = {"of": name, **measures, "sentence": describe(measures, what)}
     conf = [m.confidence for m in metrics]
     if all(c is not None for c in conf) and len(conf) > 1:
         steps = np.diff(np.array(conf, dtype=np.float64))
@@ -108,6 +122,16 @@ def summarise(metrics: list[FrameMetrics], tolerance: float = 1e-3) -> dict:
     if all(c is not None for c in clip):
         summary["final_clip_i"] = round(clip[-1], 5)
     return summary
+
+
+def progression_curve(metrics: list[FrameMetrics]) -> tuple[str, list[float]] | None:
+    """The curve a progression's pace is measured on: the classifier's severity where it grades,
+    else its confidence, else the change inside the mask."""
+    for name in ("severity", "confidence", "change_in_mask"):
+        values = [getattr(m, name) for m in metrics]
+        if all(v is not None for v in values):
+            return name, [float(v) for v in values]
+    return None
 
 
 def rows(metrics: list[FrameMetrics]) -> list[dict]:

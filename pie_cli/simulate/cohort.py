@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,12 @@ from pie_cli.runs.manifest import COHORT_SUMMARY
 from pie_cli.simulate.spec import COLUMNS, SCHEDULE_RECORDS, SimulateSpec, build_config
 
 PATH_COLUMNS = tuple(name for name, kind in COLUMNS.items() if kind is Path)
-SUMMARY_HEADER = ["case", "status", "seconds", "output"]
+# What each case was asked for and how it came out: its seed and prompt(s), and the headline measures
+# of its frames (pie_cli.evaluation.evaluate.headline: the mean over trajectories).
+HEADLINE = ("final_change_in_mask", "min_psnr_outside", "first_step_share", "steps_to_90", "spearman")
+SUMMARY_HEADER = ["case", "status", "seconds", "output", "seed", "prompts", *HEADLINE]
+LEGACY_HEADERS = (["case", "status", "seconds", "output"],)  # what earlier pie versions wrote
+Headline = Callable[[Path], dict]  # run folder -> HEADLINE values (given by the caller, e.g. the CLI)
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,31 @@ class CohortResult:
     def summary(self) -> Path:
         return self.out / COHORT_SUMMARY
 
+    def add(self, plan: _Plan, status: str, seconds: float = 0.0, headline: Headline | None = None) -> None:
+        """One summary row: the case, its status and settings, and (when complete) its measures."""
+        spec = plan.spec
+        measures: dict = {}
+        if headline is not None and status in ("complete", "skipped (complete)"):
+            try:
+                measures = headline(spec.out)
+            except (UserError, OSError, ValueError):
+                measures = {}  # frames that cannot be measured leave the cells empty, never a stand-in
+        try:
+            prompts = " | ".join(build_config(spec).prompts())
+        except UserError:
+            prompts = spec.prompt or ""
+        self.rows.append(
+            [
+                plan.case.name,
+                status,
+                round(seconds, 3),
+                str(spec.out),
+                spec.seed,
+                prompts,
+                *("" if measures.get(k) is None else measures[k] for k in HEADLINE),
+            ]
+        )
+
     def count(self, status: str) -> int:
         return sum(str(r[1]).startswith(status) for r in self.rows)
 
@@ -154,9 +185,18 @@ class _Plan:
 
 
 def run_cohort(
-    cohort: Path, base: SimulateSpec, reporter: Reporter = SILENT, *, stop_on_error: bool = False
+    cohort: Path,
+    base: SimulateSpec,
+    reporter: Reporter = SILENT,
+    *,
+    stop_on_error: bool = False,
+    headline: Headline | None = None,
 ) -> CohortResult:
-    """Every case of ``cohort`` under ``base.out``; ``stop_on_error`` re-raises a case's failure."""
+    """Every case of ``cohort`` under ``base.out``; ``stop_on_error`` re-raises a case's failure.
+
+    ``headline`` measures a finished case's folder for ``cohort_summary.csv`` (its ``HEADLINE``
+    columns stay empty without it).
+    """
     from pie_cli.signals import terminate_as_interrupt
     from pie_cli.simulate.run import check_against_model, load_model, run_case
 
@@ -173,19 +213,18 @@ def run_cohort(
         for index, plan in enumerate(plans):
             spec = plan.spec
             if plan.inputs is None:
-                result.rows.append([plan.case.name, plan.status, 0.0, str(spec.out)])
+                result.add(plan, plan.status, headline=headline)
                 continue
             if components is None:
                 components, placement = load_model(spec, plan.inputs, reporter)
             try:
                 check_against_model(spec, plan.inputs, components, reporter)
                 seconds = run_case(spec, plan.inputs, components, placement, reporter, resume=plan.resume)
-                result.rows.append([plan.case.name, "complete", round(seconds, 3), str(spec.out)])
+                result.add(plan, "complete", seconds, headline)
             except Interrupted:
-                result.rows.append([plan.case.name, "interrupted", 0.0, str(spec.out)])
-                result.rows += [
-                    [p.case.name, "not started", 0.0, str(p.spec.out)] for p in plans[index + 1 :]
-                ]
+                result.add(plan, "interrupted")
+                for later in plans[index + 1 :]:
+                    result.add(later, "not started")
                 if world == 1:  # other processes may still be running: no rendezvous now
                     write_summary(base.out, result.rows, rank, world, order)
                 raise Interrupted(
@@ -194,14 +233,12 @@ def run_cohort(
                 ) from None
             except UserError as exc:
                 result.failures += 1
-                result.rows.append([plan.case.name, f"failed: {exc}", 0.0, str(spec.out)])
+                result.add(plan, f"failed: {exc}")
             except (RuntimeError, ValueError, OSError) as exc:
                 if stop_on_error:
                     raise
                 result.failures += 1
-                result.rows.append(
-                    [plan.case.name, f"failed: {type(exc).__name__}: {exc}", 0.0, str(spec.out)]
-                )
+                result.add(plan, f"failed: {type(exc).__name__}: {exc}")
     write_summary(base.out, result.rows, rank, world, order)
     return result
 
@@ -263,7 +300,8 @@ def _legacy_summary(path: Path) -> bool:
         return False
     try:
         with open(path, encoding="utf-8") as fh:
-            return fh.readline().strip() == ",".join(SUMMARY_HEADER)
+            first = fh.readline().strip()
+        return any(first == ",".join(header) for header in (SUMMARY_HEADER, *LEGACY_HEADERS))
     except (OSError, UnicodeDecodeError):
         return False
 

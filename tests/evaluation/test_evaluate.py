@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from pie_cli.demo.phantom import Findings, render
-from pie_cli.evaluation.metrics import PSNR_CAP
 
 
 def fake_run(
@@ -45,7 +44,15 @@ def test_identical_frames(cli, tmp_path):
     data = evaluate(cli, fake_run(tmp_path / "run", [base] * 4, mask))
     for frame in data["frames"]:
         assert frame["change_in_mask"] == 0 and frame["step_change"] == 0
-        assert frame["psnr_outside"] == PSNR_CAP and frame["ssim_outside"] == pytest.approx(1.0)
+        # identical pixels have no finite PSNR: no stand-in value, the cell stays empty
+        assert frame["psnr_outside"] is None and frame["ssim_outside"] == pytest.approx(1.0)
+    assert data["summary"]["identical_outside"] == 3 and "min_psnr_outside" not in data["summary"]
+    assert (
+        data["summary"]["pace"]["sentence"]
+        == "The change is the same in the last frame as in frame 0: no progression."
+    )
+    csv_rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert csv_rows[1].split(",")[2] == "" and "100" not in csv_rows[1]
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"metrics.json", "metrics.csv", "report.png"}
 
 
@@ -58,13 +65,18 @@ def test_change_only_inside_the_mask(cli, tmp_path):
     frames[2][mask] = np.clip(frames[2][mask] + 40, 0, 255)
     data = evaluate(cli, fake_run(tmp_path / "run", frames, mask))
     f = data["frames"]
-    assert [m["psnr_outside"] for m in f] == [PSNR_CAP] * 3  # preservation perfect outside
+    assert [m["psnr_outside"] for m in f] == [None] * 3  # frame 0 is the reference; then identical outside
     assert [m["ssim_outside"] for m in f][1:] == [
         pytest.approx(1.0, abs=0.05)
     ] * 2  # the window sees the edge
     assert 0 < f[1]["change_in_mask"] < f[2]["change_in_mask"] <= 40
     assert f[2]["step_change"] == pytest.approx(np.abs(frames[2] - frames[1]).mean(axis=2).mean(), abs=0.6)
-    assert data["summary"]["min_psnr_outside"] == PSNR_CAP
+    assert data["summary"]["identical_outside"] == 2 and "min_psnr_outside" not in data["summary"]
+    pace = data["summary"]["pace"]  # no classifier: the pace of the change inside the mask
+    assert pace["of"] == "change_in_mask" and pace["spearman"] == 1.0
+    assert pace["first_step_share"] == pytest.approx(
+        f[1]["change_in_mask"] / f[2]["change_in_mask"], abs=1e-4
+    )
 
 
 def test_change_outside_lowers_psnr(cli, tmp_path):
@@ -90,6 +102,13 @@ def test_demo_classifier_follows_the_prompt(cli, tmp_path):
     assert data["target_label"] == "effusion_left"
     conf = [m["confidence"] for m in data["frames"]]
     assert conf[0] < 0.2 and conf[-1] > 0.8
+    severity = [m["severity"] for m in data["frames"]]  # the demo classifier grades: expected grade / 3
+    assert [round(3 * s) for s in severity] == [0, 1, 2, 3]
+    pace = data["summary"]["pace"]
+    assert pace["of"] == "severity" and pace["spearman"] == 1.0 and pace["steps_to_90"] == 3
+    assert pace["sentence"].startswith(
+        f"{pace['first_step_share'] * 100:.0f} % of the severity at step 1, 90 % by step 3"
+    )
     assert data["summary"]["confidence_rise"] == pytest.approx(conf[-1] - conf[0], abs=1e-4)
     right = evaluate(cli, run, "--classifier", "demo", "--target-label", "effusion_right")
     assert right["frames"][-1]["confidence"] < 0.5

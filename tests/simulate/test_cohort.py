@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pie_cli.evaluation.evaluate import headline as evaluate_headline
 from tests.helpers import frames_of, manifest, reset_signals, simulate_argv
 
 FAST = {"steps": 2, "inference_steps": 6}  # at 64 px on the CPU (simulate_argv)
@@ -52,6 +53,18 @@ def test_cohort_runs_each_case_once_and_resumes(cli, inputs, tiny_model, tmp_pat
         ("b", "complete"),
         ("c", "complete"),
     ]
+    assert [(r["seed"], r["prompts"]) for r in summary] == [
+        ("42", "small effusion"),
+        ("7", "large effusion"),
+        ("44", "effusion"),
+    ]
+    for r in summary:  # the headline measures of each case's frames, as pie evaluate computes them
+        measured = json.loads(json.dumps(evaluate_headline(out / r["case"])))
+        assert {k: float(r[k]) for k in measured} == pytest.approx(measured)
+        assert float(r["final_change_in_mask"]) > 0
+    assert summary[1]["steps_to_90"] == "1" and summary[1]["first_step_share"] == "1.0"  # one step
+    assert summary[1]["min_psnr_outside"] == ""  # no mask: no outside
+    assert 0 < float(summary[0]["min_psnr_outside"]) < 99
     b = json.loads((out / "b" / "manifest.json").read_text())["parameters"]
     assert (b["seed"], b["steps"]) == (7, 1)
     a = json.loads((out / "a" / "manifest.json").read_text())["parameters"]

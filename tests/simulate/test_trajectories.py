@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.helpers import pixels, simulate_argv
@@ -69,6 +70,14 @@ def test_trajectories_layout_and_equality_with_single_runs(cli, inputs, tiny_mod
     mean = pixels(Image.open(out / "mean_final.png"))
     assert np.abs(mean - np.round(finals.mean(axis=0))).max() <= 1
     assert Image.open(out / "uncertainty.png").size == (64, 64)
+
+    # A cohort summary's measures of a trajectory case: the mean over its trajectories.
+    from pie_cli.evaluation.evaluate import headline
+
+    each = [headline(out / f"traj_{k:02d}") for k in range(3)]
+    assert set(headline(out)) == set(each[0]) >= {"final_change_in_mask", "min_psnr_outside", "spearman"}
+    for key, value in headline(out).items():
+        assert value == pytest.approx(np.mean([e[key] for e in each]), abs=1e-4), key
 
     # --overwrite with fewer trajectories leaves no stale traj_ folders behind
     result = cli(

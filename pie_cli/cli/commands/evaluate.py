@@ -67,6 +67,10 @@ def evaluate(
         info(
             f"outside the mask: PSNR >= {summary['min_psnr_outside']:.1f} dB, SSIM >= {summary['min_ssim_outside']:.3f}"
         )
+    elif summary.get("identical_outside"):
+        info("outside the mask: every frame identical to frame 0")
+    if "pace" in summary:
+        info(f"pace ({summary['pace']['of'].replace('_', ' ')}): {summary['pace']['sentence']}")
     info(f"evaluate: {', '.join(str(p) for p in done.written)}")
 
 
@@ -84,6 +88,7 @@ def _table(metrics, label: str | None) -> None:
         "SSIM out",
         "step change",
         "P(target)" if label else "confidence",
+        "severity",
         "CLIP-I",
     ):
         table.add_column(col, justify="right")
@@ -95,6 +100,7 @@ def _table(metrics, label: str | None) -> None:
             fmt(m.ssim_outside, ".4f"),
             fmt(m.step_change, ".2f"),
             fmt(m.confidence, ".3f"),
+            fmt(m.severity, ".3f"),
             fmt(m.clip_i, ".4f"),
         )
     out().print(table)

@@ -212,10 +212,11 @@ def simulate(
         else:
             info(f"pie: steps {done.first_step}..{done.steps} in {done.seconds:.1f} s -> {out}")
     elif cohort is not None:
+        from pie_cli.evaluation.evaluate import headline
         from pie_cli.simulate.cohort import run_cohort
 
         with ProgressDisplay() as display:
-            done = run_cohort(cohort, spec, display, stop_on_error=ui.debug)
+            done = run_cohort(cohort, spec, display, stop_on_error=ui.debug, headline=headline)
         info(
             f"cohort: {done.count('complete')} run, {done.count('skipped')} skipped, {done.failures} failed "
             f"-> {done.summary}"
