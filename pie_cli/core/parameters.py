@@ -52,6 +52,9 @@ class PieConfig:
     strength_schedule: tuple[float, ...] = ()
     guidance_schedule: tuple[float, ...] = ()
     beta2_schedule: tuple[float, ...] = ()  # b2 per step: how much of each step's edit the frame shows
+    mask_growth: str = (
+        ""  # "" = the whole mask every step (the original); "rise", "dilate:0.2" (imaging.growth)
+    )
 
     def prompt_at(self, n: int) -> str:
         return self.prompt_schedule[n - 1] if self.prompt_schedule else self.prompt
@@ -116,6 +119,11 @@ class PieConfig:
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 found.append(("beta2_schedule", f"values must be in [0, 1], got {value:g}"))
                 break
+        if self.mask_growth:
+            from pie_cli.imaging.growth import problem as growth_problem  # numpy: not at import time
+
+            if growth_problem(self.mask_growth) is not None:
+                found.append(("mask_growth", growth_problem(self.mask_growth)))
         problem = resolution_problem(self.resolution)
         if problem is not None:
             found.append(("resolution", problem))

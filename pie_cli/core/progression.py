@@ -22,7 +22,8 @@ diffusers' own img2img for the maskless case):
                   if mask and i > 0: z_t = ref_i * (1 - M) + z_t * M
                   eps = eps_u + w * (eps_c - eps_u);  z_t = scheduler.step(eps, t, z_t)
               z_out = z_init + (z_t - z_init) * (b1 * (1 - M) + b2 * M)   (z_t without a mask)
-              (opt-in, not the original's: b2 may vary per step, ``beta2_schedule``)
+              (opt-in, not the original's: b2 may vary per step, ``beta2_schedule``; the mask may
+              grow over the steps, ``mask_growth``: step n then uses M_n, see imaging.growth)
               x_n = 8-bit RGB of clamp(VAE.decode(z_out / sf) / 2 + 0.5, 0, 1)
               (the next step starts from this rounded 8-bit frame: part of the method)
 
@@ -216,6 +217,7 @@ class _Prepared:
     z_init: torch.Tensor  # [K, C, h, w]: each trajectory samples its own
     posterior0: Any  # frame 0's posterior, repeated K times
     mask: torch.Tensor | None
+    step_masks: list[torch.Tensor] | None  # with a mask growth: the mask of steps 1..N
     negative: torch.Tensor  # [1, L, D]
     prompts: dict[str, torch.Tensor]  # prompt -> [1, L, D]
 
@@ -239,11 +241,18 @@ def _prepare(
     posterior0 = _repeat_posterior(encode_posterior(components, image_to_tensor(x0, device)), len(generators))
     z_init = sample_latents(components, posterior0, generators)
     # 4. Mask at latent size.
-    latent_mask = None
+    latent_mask = step_masks = None
     if mask is not None:
+        size, channels = tuple(z_init.shape[-2:]), z_init.shape[1]
         m8 = prepare_mask(mask, image.size, config.resolution)
-        latent_mask = mask_to_latent(m8, tuple(z_init.shape[-2:]), z_init.shape[1], device)
-    return _Prepared(x0, z_init, posterior0, latent_mask, embeddings[:1], by_prompt)
+        latent_mask = mask_to_latent(m8, size, channels, device)
+        if config.mask_growth:
+            from pie_cli.imaging.growth import grow
+
+            step_masks = [
+                mask_to_latent(m, size, channels, device) for m in grow(m8, config.mask_growth, config.steps)
+            ]
+    return _Prepared(x0, z_init, posterior0, latent_mask, step_masks, embeddings[:1], by_prompt)
 
 
 def _frames_to_tensor(frames: list[Image.Image], device: torch.device) -> torch.Tensor:
@@ -277,15 +286,16 @@ def _progression_step(
     z_t = scheduler.add_noise(z, randn_like(z, generators), ts[:1])
     # 2. One noise tensor per trajectory for the reference latents of every timestep of this step.
     ref_noise = randn_like(prep.z_init, generators)
+    mask = prep.step_masks[n - 1] if prep.step_masks is not None else prep.mask
 
     # 3. Masked denoising with classifier-free guidance: one UNet call (batch 2K) per timestep.
     total = len(ts)
     for i, t in enumerate(ts):
-        if prep.mask is not None and i > 0:
+        if mask is not None and i > 0:
             # ref_i = add_noise(z_init, e', ts[i]); computed here rather than up front so
             # that schedulers which look noise levels up by position see the right one.
             ref = scheduler.add_noise(prep.z_init, ref_noise, t.reshape(1))
-            z_t = ref * (1 - prep.mask) + z_t * prep.mask
+            z_t = ref * (1 - mask) + z_t * mask
         model_in = scheduler.scale_model_input(torch.cat([z_t, z_t]), t)
         eps = unet(model_in.to(unet.dtype), t, encoder_hidden_states=text, return_dict=False)[0]
         eps_u, eps_c = eps.float().chunk(2)
@@ -296,10 +306,10 @@ def _progression_step(
             on_denoise(n, i + 1, total)
 
     # 4. Blend against the initial latents: b1 outside the mask, b2 inside.
-    if prep.mask is None:
+    if mask is None:
         z_out = z_t
     else:
-        weight = config.beta1 * (1 - prep.mask) + config.beta2_at(n) * prep.mask
+        weight = config.beta1 * (1 - mask) + config.beta2_at(n) * mask
         z_out = prep.z_init + (z_t - prep.z_init) * weight
 
     _require_finite(z_out, n, "latents")

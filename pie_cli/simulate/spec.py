@@ -180,6 +180,8 @@ def build_config(
     )
     for name, problem in config.problems():
         raise UserError(f"--{name.replace('_', '-')} {problem}.")
+    if config.mask_growth and spec.mask is None and spec.image is not None:
+        raise UserError("--mask-growth grows the mask over the steps: give --mask too.")
     if not 0 <= spec.seed < MAX_SEED:
         raise UserError(f"--seed must be in [0, 2^63), got {spec.seed}.")
     if not 1 <= spec.trajectories <= MAX_TRAJECTORIES:

@@ -369,3 +369,23 @@ def test_beta2_schedule_sets_what_each_step_keeps(components, phantom):
         run(components, image, left, steps=2, beta2_schedule=(0.5,))
     with pytest.raises(ValueError, match=r"beta2_schedule values must be in \[0, 1\], got 1.5"):
         run(components, image, left, steps=1, beta2_schedule=(1.5,))
+
+
+def test_mask_growth_changes_only_the_grown_part(components, phantom):
+    """Step n of a growing mask is exactly a step with the fixed mask M_n (same draws, same frames)."""
+    from pie_cli.imaging.growth import grow
+    from pie_cli.imaging.masks import prepare_mask
+
+    image, _, left = phantom
+    plain = run(components, image, left, steps=3)
+    grown = run(components, image, left, steps=3, mask_growth="rise")
+    assert max_diff(grown[1], plain[1]) > 0
+    m8 = prepare_mask(left, image.size, 64)
+    first = grow(m8, "rise", 3)[0]
+    assert 0 < (pixels(first) > 0).sum() < (pixels(m8) > 0).sum()
+    fixed = run(components, image, first, steps=1)
+    assert max_diff(grown[1], fixed[1]) == 0
+    last = run(components, image, left, steps=1, mask_growth="rise")  # N = 1: the whole mask
+    assert max_diff(last[1], run(components, image, left, steps=1)[1]) == 0
+    with pytest.raises(ValueError, match="mask_growth 'up' is not one of rise, dilate"):
+        run(components, image, left, steps=1, mask_growth="up")

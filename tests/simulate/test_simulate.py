@@ -415,6 +415,8 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
             "5,9",
             "--beta2-schedule",
             "0.3:0.9",
+            "--mask-growth",
+            "rise:0.5",
             model=tiny_model,
             mask=inputs["mask"],
             prompt=None,
@@ -427,6 +429,7 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
     assert params["prompts"] == ["small left pleural effusion", "large left pleural effusion"]
     assert params["strengths"] == [0.4, 0.6] and params["guidance_scales"] == [5.0, 9.0]
     assert params["beta2s"] == [0.3, 0.9] and params["beta2_schedule"] == "0.3:0.9"
+    assert params["mask_growth"] == "rise:0.5"
 
     (tmp_path / "one.txt").write_text("only one\n")
     for args, message in (
@@ -450,6 +453,14 @@ def test_schedules(cli, inputs, tiny_model, tmp_path):
         (
             ["--prompt", "x", "--beta2-schedule", "0.5"],
             "--beta2-schedule '0.5' has 1 values but --steps is 2.",
+        ),
+        (
+            ["--prompt", "x", "--mask-growth", "rise"],
+            "--mask-growth grows the mask over the steps: give --mask too.",
+        ),
+        (
+            ["--prompt", "x", "--mask", str(inputs["mask"]), "--mask-growth", "fill"],
+            "--mask-growth 'fill' is not one of rise, dilate (MODE or MODE:START, e.g. rise:0.2).",
         ),
     ):
         result = cli(

@@ -63,6 +63,18 @@ def simulate(
         float, typer.Option("--beta1", help="Blend weight outside the mask (0 = keep the input).")
     ] = DEFAULTS.beta1,
     beta2: Annotated[float, typer.Option("--beta2", help="Blend weight inside the mask.")] = DEFAULTS.beta2,
+    mask_growth: Annotated[
+        str,
+        typer.Option(
+            "--mask-growth",
+            metavar="MODE[:START]",
+            help="Let the mask grow over the steps: 'rise' (a level rising from the mask's lowest row, "
+            "like fluid filling the lung base) or 'dilate' (outwards from the mask's deepest point), from "
+            "START of it at step 1 (default 1/N) to all of it at step N; e.g. rise:0.2. "
+            "Default: the whole mask every step.",
+            show_default=False,
+        ),
+    ] = DEFAULTS.mask_growth,
     inference_steps: Annotated[
         int, typer.Option("--inference-steps", "-T", help="Scheduler steps of a full schedule.")
     ] = DEFAULTS.inference_steps,
