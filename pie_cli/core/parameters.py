@@ -122,8 +122,9 @@ class PieConfig:
         if self.mask_growth:
             from pie_cli.imaging.growth import problem as growth_problem  # numpy: not at import time
 
-            if growth_problem(self.mask_growth) is not None:
-                found.append(("mask_growth", growth_problem(self.mask_growth)))
+            wrong = growth_problem(self.mask_growth)
+            if wrong is not None:
+                found.append(("mask_growth", wrong))
         problem = resolution_problem(self.resolution)
         if problem is not None:
             found.append(("resolution", problem))
