@@ -146,9 +146,11 @@ def render(
     return Phantom(image, mask(lungs["left"]), mask(lungs["right"]), findings, seed, p)
 
 
-def sample_findings(rng: np.random.Generator, kinds: tuple[str, ...] = ("effusion",)) -> Findings:
-    """Findings for a training phantom: 40 % healthy, otherwise one finding with a random grade."""
-    if rng.random() < 0.4:
+def sample_findings(
+    rng: np.random.Generator, kinds: tuple[str, ...] = ("effusion",), healthy: float = 0.4
+) -> Findings:
+    """Findings for a training phantom: healthy with probability ``healthy``, else one finding of a random grade."""
+    if rng.random() < healthy:
         return Findings()
     kind = kinds[int(rng.integers(len(kinds)))]
     sev = int(rng.integers(1, 4))

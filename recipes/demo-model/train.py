@@ -10,10 +10,17 @@ Stages (each cached under --work, so a rerun continues where it stopped; --force
    sampling the posterior (what pie does) returns the mean;
 3. UNet + text encoder, jointly, on cached latents: DDPM epsilon loss, 10 % empty prompts for
    classifier-free guidance, an EMA of the weights is what is saved;
+3b. severity: more of the same on fresh phantoms that are 90 % effusions, at a lower rate, so the
+   model learns "small", "moderate" and "large" apart, not only "effusion";
 4. classifier: a tiny CNN for effusion left/right and cardiomegaly on fresh phantoms (half of
    them through the VAE, so it knows the look of decoded frames);
 5. assembly: diffusers layout with SD 1.x's PNDM scheduler config, a README with the command,
-   the times and the metrics.
+   the times and the metrics;
+6. probe: text-to-image from "<small|moderate|large> left pleural effusion", 12 seeds each, graded
+   by the classifier (target: >= 80 % exact grade), into the README's metrics.
+
+--start-from pie_cli/demo/model takes stages 2-3 (and the classifier) from a model built before,
+so only 3b and the probe run (about 45 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from pie_cli.demo import classifier as clf  # noqa: E402
 from pie_cli.demo.phantom import render, sample_findings  # noqa: E402
-from pie_cli.demo.tiny import write_pipeline_files, write_tokenizer  # noqa: E402
+from pie_cli.demo.tiny import SD1_SCHEDULER, write_pipeline_files, write_tokenizer  # noqa: E402
 from pie_cli.demo.vocab import BOS, EOS  # noqa: E402
 
 SIZE = 64
@@ -68,7 +75,13 @@ def to_rgb_tensor(grey: np.ndarray) -> torch.Tensor:
 
 
 def make_phantoms(
-    work: Path, n: int, kinds: tuple[str, ...], seed0: int, name: str, varied: bool = False
+    work: Path,
+    n: int,
+    kinds: tuple[str, ...],
+    seed0: int,
+    name: str,
+    varied: bool = False,
+    healthy: float = 0.4,
 ) -> dict:
     path = work / f"{name}.npz"
     if path.exists():
@@ -77,7 +90,7 @@ def make_phantoms(
     rng = np.random.default_rng(seed0)
     images, reports, labels = [], [], []
     for i in range(n):
-        findings = sample_findings(rng, kinds)
+        findings = sample_findings(rng, kinds, healthy)
         ph = render(findings, seed=seed0 + i, size=SIZE, varied=varied)
         images.append(np.asarray(ph.image))
         reports.append(ph.report)
@@ -201,7 +214,7 @@ def build_unet():
 
 
 def train_unet(work: Path, vae, data: dict, steps: int, batch: int) -> tuple:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     out = work / "unet_stage"
@@ -215,6 +228,20 @@ def train_unet(work: Path, vae, data: dict, steps: int, batch: int) -> tuple:
             json.loads((work / "unet_metrics.json").read_text()),
         )
     unet = build_unet()
+    metrics = fit(unet, text_encoder, tokenizer, vae, data, steps, batch, lr=5e-4, seed=2, name="unet")
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    (work / "unet_metrics.json").write_text(json.dumps(metrics))
+    log(f"unet done: {metrics}")
+    return tokenizer, text_encoder, unet, metrics
+
+
+def fit(
+    unet, text_encoder, tokenizer, vae, data: dict, steps: int, batch: int, lr: float, seed: int, name: str
+) -> dict:
+    """Train UNet + text encoder jointly on the phantoms' latents; the EMA of the weights is kept."""
+    from diffusers import DDPMScheduler
+
     sf = vae.config.scaling_factor
     with torch.no_grad():
         latents = (
@@ -236,9 +263,9 @@ def train_unet(work: Path, vae, data: dict, steps: int, batch: int) -> tuple:
     )
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = warmup_cosine(opt, steps, warmup=max(1, steps // 30))
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     started = time.time()
     recent = []
     for step in range(1, steps + 1):
@@ -263,21 +290,109 @@ def train_unet(work: Path, vae, data: dict, steps: int, batch: int) -> tuple:
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         recent.append(loss.item())
         if step % 50 == 0 or step == steps:
-            log(f"unet step {step}/{steps} loss {np.mean(recent[-50:]):.4f}")
+            log(f"{name} step {step}/{steps} loss {np.mean(recent[-50:]):.4f}")
     with torch.no_grad():
         for e, p in zip(ema, params, strict=True):
             p.copy_(e)
-    metrics = {
-        "unet_steps": steps,
-        "unet_batch": batch,
-        "unet_final_loss": round(float(np.mean(recent[-100:])), 4),
-        "unet_minutes": round((time.time() - started) / 60, 1),
+    return {
+        f"{name}_steps": steps,
+        f"{name}_batch": batch,
+        f"{name}_final_loss": round(float(np.mean(recent[-100:])), 4),
+        f"{name}_minutes": round((time.time() - started) / 60, 1),
     }
+
+
+def train_severity(work: Path, vae, tokenizer, text_encoder, unet, n: int, steps: int, batch: int) -> dict:
+    """Stage 3b: go on training on phantoms that are mostly effusions, evenly graded, at a lower rate.
+
+    After stage 3 alone the model draws an effusion but not its grade ("small", "moderate" and
+    "large" give the same picture); this stage is what teaches the severity words.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out = work / "severity_stage"
+    if (out / "unet" / "config.json").exists():
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(out / "unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(out / "text_encoder").state_dict())
+        return json.loads((work / "severity_metrics.json").read_text())
+    data = make_phantoms(work, n, ("effusion",), 500_000, "severity_phantoms", healthy=0.1)
+    torch.manual_seed(4)
+    metrics = fit(unet, text_encoder, tokenizer, vae, data, steps, batch, lr=2e-4, seed=5, name="severity")
+    metrics["severity_phantoms"] = n
     unet.save_pretrained(out / "unet", safe_serialization=True)
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    (work / "unet_metrics.json").write_text(json.dumps(metrics))
-    log(f"unet done: {metrics}")
-    return tokenizer, text_encoder, unet, metrics
+    (work / "severity_metrics.json").write_text(json.dumps(metrics))
+    log(f"severity stage done: {metrics}")
+    return metrics
+
+
+def probe_severity(vae, tokenizer, text_encoder, unet, classifier: Path, seeds: int = 12) -> dict:
+    """Text-to-image from "<word> left pleural effusion": the share of images the demo classifier grades as meant."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler.from_config(SD1_SCHEDULER)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    model = clf.load(classifier)
+    column = list(model.labels).index("effusion_left_severity")
+    exact = {}
+    for grade, word in ((1, "small"), (2, "moderate"), (3, "large")):
+        images = pipe(
+            [f"{word} left pleural effusion"] * seeds,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=30,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(0),
+        ).images
+        grades = np.rint(clf.predict(model, images)[:, column] * 3).astype(int)
+        exact[word] = round(float((grades == grade).mean()), 3)
+        log(f"probe {word}: classifier grades {grades.tolist()}")
+    exact["all"] = round(float(np.mean([exact[w] for w in ("small", "moderate", "large")])), 3)
+    return {"text_to_image_exact_grade": exact}
+
+
+def start_from(work: Path, model: Path) -> None:
+    """Seed the VAE and UNet stages (and the classifier's metrics) from an already built demo model."""
+    import ast
+
+    table = {}
+    for line in (model / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] not in ("metric", "---"):
+            try:
+                table[cells[0]] = ast.literal_eval(cells[1])
+            except (ValueError, SyntaxError):
+                table[cells[0]] = cells[1]
+    stages = {
+        "vae_metrics.json": ("vae_psnr_db", "vae_steps", "vae_minutes", "scaling_factor"),
+        "unet_metrics.json": ("unet_steps", "unet_batch", "unet_final_loss", "unet_minutes"),
+        "classifier_metrics.json": (
+            "classifier_accuracy",
+            "classifier_steps",
+            "classifier_minutes",
+            "classifier_examples",
+        ),
+    }
+    for name, keys in stages.items():
+        if not (work / name).exists():
+            (work / name).write_text(json.dumps({k: table[k] for k in keys}))
+    if not (work / "vae" / "config.json").exists():
+        shutil.copytree(model / "vae", work / "vae")
+    for part in ("unet", "text_encoder"):
+        if not (work / "unet_stage" / part / "config.json").exists():
+            shutil.copytree(model / part, work / "unet_stage" / part)
+    log(f"stages 2-3 taken from {model}")
 
 
 # --------------------------------------------------------------------------- 4. classifier
@@ -408,22 +523,35 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--vae-steps", type=int, default=900)
     parser.add_argument("--unet-steps", type=int, default=2100)
+    parser.add_argument("--severity-steps", type=int, default=3500)
+    parser.add_argument("--severity-n", type=int, default=2000)
     parser.add_argument("--classifier-steps", type=int, default=1500)
+    parser.add_argument(
+        "--start-from",
+        type=Path,
+        help="a demo model folder whose VAE and UNet stand for stages 2-3 (the classifier is kept)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script")
     parser.add_argument("--force", action="store_true", help="redo every stage")
     args = parser.parse_args()
     if args.quick:
         args.n, args.vae_steps, args.unet_steps, args.classifier_steps = 200, 20, 30, 30
+        args.severity_n, args.severity_steps = 200, 30
         args.work = args.work.with_name(args.work.name + "-quick")
     torch.set_num_threads(args.threads)
     if args.force and args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.start_from:
+        start_from(args.work, args.start_from.resolve())
     data = make_phantoms(args.work, args.n, ("effusion",), 0, "phantoms")
     log(f"{len(data['images'])} phantoms")
     vae, vae_metrics = train_vae(args.work, data["images"], args.vae_steps, 32)
     tokenizer, text_encoder, unet, unet_metrics = train_unet(args.work, vae, data, args.unet_steps, 64)
+    severity_metrics = train_severity(
+        args.work, vae, tokenizer, text_encoder, unet, args.severity_n, args.severity_steps, 64
+    )
     classifier_metrics = train_classifier(
         args.work, vae, 3000 if not args.quick else 200, args.classifier_steps, args.classifier_out
     )
@@ -431,10 +559,13 @@ def main() -> None:
         "phantoms": args.n,
         **vae_metrics,
         **unet_metrics,
+        **severity_metrics,
         **classifier_metrics,
+        **probe_severity(vae, tokenizer, text_encoder, unet, args.classifier_out),
         "training_minutes": round(
             vae_metrics["vae_minutes"]
             + unet_metrics["unet_minutes"]
+            + severity_metrics["severity_minutes"]
             + classifier_metrics["classifier_minutes"],
             1,
         ),
