@@ -6,6 +6,9 @@ setting runs a progression with the built-in demo model and the demo classifier 
 
 - the share of the final change made at step 1, the steps to reach 90 % of it, Spearman(step,
   severity) (pie_cli.evaluation.pace), the largest step back;
+- the share of all steps whose grade is within 0.5 of a straight line from frame 0's grade to
+  grade 3 (what ``--pace linear`` aims at; for the closed loop the same classifier steers and
+  grades, so this measures how well it steers, not an independent judgement);
 - the mean severity curve, drawn in one plot.
 
 The grid varies one setting at a time around the paper's defaults (strength 0.5, guidance 7.5,
@@ -43,7 +46,12 @@ def settings(quick: bool) -> list[tuple[str, dict]]:
     """(name, PieConfig overrides): the defaults, then one setting changed at a time."""
     base = [("defaults", {})]
     if quick:
-        return [*base, ("strength 0.3", {"strength": 0.3}), ("b2 ramp 0.1:0.9", {"beta2_ramp": (0.1, 0.9)})]
+        return [
+            *base,
+            ("strength 0.3", {"strength": 0.3}),
+            ("b2 ramp 0.1:0.9", {"beta2_ramp": (0.1, 0.9)}),
+            ("closed loop --pace linear", {"pace": "linear"}),
+        ]
     return [
         *base,
         *[(f"strength {g}", {"strength": g}) for g in (0.3, 0.4, 0.6)],
@@ -54,6 +62,7 @@ def settings(quick: bool) -> list[tuple[str, dict]]:
         ("b2 ramp 0.1:0.9", {"beta2_ramp": (0.1, 0.9)}),
         ("mask growth rise", {"mask_growth": "rise"}),
         ("rise + b2 ramp 0.1:0.9", {"mask_growth": "rise", "beta2_ramp": (0.1, 0.9)}),
+        ("closed loop --pace linear", {"pace": "linear"}),
     ]
 
 
@@ -62,7 +71,7 @@ def config_for(overrides: dict, steps: int, inference_steps: int) -> PieConfig:
     config = PieConfig(
         prompt=f"{word} {SIDE} pleural effusion", steps=steps, inference_steps=inference_steps, resolution=64
     )
-    values = {k: v for k, v in overrides.items() if k not in ("word", "beta2_ramp")}
+    values = {k: v for k, v in overrides.items() if k not in ("word", "beta2_ramp", "pace")}
     config = replace(config, **values)
     if "beta2_ramp" in overrides:
         lo, hi = overrides["beta2_ramp"]
@@ -120,7 +129,7 @@ def main() -> None:
 
     from pie_cli.core.devices import choose_placement
     from pie_cli.core.loading import load
-    from pie_cli.core.progression import progress
+    from pie_cli.core.progression import Pace, progress
     from pie_cli.core.registry import resolve
     from pie_cli.demo import classifier as clf
     from pie_cli.demo.phantom import Findings, render
@@ -128,6 +137,10 @@ def main() -> None:
     components = load(resolve("demo"), choose_placement("cpu", "fp32"))
     grader = clf.load(clf.builtin_dir())
     column = list(grader.labels).index(f"effusion_{SIDE}_severity")
+
+    def score(images):
+        return clf.predict(grader, images)[:, column]
+
     phantoms = [render(Findings(), seed=HELD_OUT_SEED + i) for i in range(args.phantoms)]
     results, curves = [], {}
     started = time.time()
@@ -135,12 +148,17 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         config = config_for(overrides, args.steps, args.inference_steps)
-        measures, severities = [], []
+        measures, severities, near = [], [], []
+        steer = Pace(score) if overrides.get("pace") == "linear" else None
         for i, ph in enumerate(phantoms):
-            frames = [f.image for f in progress(components, ph.image, ph.left_lung, config, seed=i)]
+            frames = [
+                f.image for f in progress(components, ph.image, ph.left_lung, config, seed=i, pace=steer)
+            ]
             severity = clf.predict(grader, frames)[:, column]
             severities.append(severity)
             measures.append(pace(severity))
+            line = severity[0] + (1 - severity[0]) * np.arange(1, args.steps + 1) / args.steps
+            near += list(np.abs(3 * severity[1:] - 3 * line) <= 0.5)
         mean_curve = np.mean(severities, axis=0)
         curves[name] = [round(float(v), 4) for v in mean_curve]
 
@@ -158,6 +176,7 @@ def main() -> None:
             ),
             "largest_backward_step": median("largest_backward_step"),
             "final_grade": round(float(3 * mean_curve[-1]), 2),
+            "steps_within_0.5_grade_of_linear": round(float(np.mean(near)), 3),
         }
         results.append(row)
         print(json.dumps(row), f"({time.time() - started:.0f} s)", flush=True)
@@ -173,13 +192,26 @@ def main() -> None:
         "minutes": round((time.time() - started) / 60, 1),
     }
     name = "progression-quick" if args.quick else "progression"
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps({**meta, "results": results, "curves": curves}, indent=2)
+    path = RESULTS / f"{name}.json"
+    if args.only and path.exists():  # a partial rerun replaces its settings' rows and keeps the others
+        old = json.loads(path.read_text())
+        same = {k: old.get(k) for k in ("phantoms", "steps", "inference_steps")}
+        if same == {k: meta[k] for k in same}:
+            mine = {r["setting"] for r in results}
+            order = [s for s, _ in settings(args.quick)]
+            rows = {r["setting"]: r for r in old["results"] if r["setting"] not in mine}
+            rows.update({r["setting"]: r for r in results})
+            results = [rows[s] for s in order if s in rows]
+            curves = {s: {**old["curves"], **curves}[s] for s in order if s in {**old["curves"], **curves}}
+            meta["minutes"] = f"{meta['minutes']} (this rerun of {', '.join(sorted(mine))})"
+    path.write_text(json.dumps({**meta, "results": results, "curves": curves}, indent=2))
+    header = (
+        "| setting | step-1 share | steps to 90 % | Spearman | share Spearman >= 0.9 | largest step back "
+        "| final grade | steps within 0.5 grade of linear |"
     )
-    header = "| setting | step-1 share | steps to 90 % | Spearman | share Spearman >= 0.9 | largest step back | final grade |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        cells = [r[k] for k in list(r)[1:]]
+        cells = [r.get(k) for k in list(results[-1])[1:]]
         lines.append(f"| {r['setting']} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     text = "\n".join(lines)
     (RESULTS / f"{name}.md").write_text(

@@ -26,6 +26,10 @@ diffusers' own img2img for the maskless case):
               grow over the steps, ``mask_growth``: step n then uses M_n, see imaging.growth)
               x_n = 8-bit RGB of clamp(VAE.decode(z_out / sf) / 2 + 0.5, 0, 1)
               (the next step starts from this rounded 8-bit frame: part of the method)
+    pace:     (opt-in, not the original's; :class:`Pace`) z_out is made for every candidate b2 of
+              the step, all decoded in batches and scored with x_{n-1}; x_n is the one whose score
+              is nearest the target for step n (ties: a new frame before x_{n-1}, then the smaller
+              b2). No random draw is added, so a paced run is reproducible and resumable.
 
 With every random draw replaced by zeros the algorithm is deterministic. With PNDM, whose
 timestep list holds one repeated entry, ``ts`` has k + 1 entries; with DDIM, k. A run costs
@@ -35,6 +39,7 @@ N * len(ts) UNet calls (batch 2 with guidance), one text encoding, N VAE encodes
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,7 +55,16 @@ from pie_cli.errors import NumericalError
 from pie_cli.imaging.masks import prepare_mask
 from pie_cli.imaging.media import prepare_image
 
-__all__ = ["Components", "Frame", "PieConfig", "ResumePoint", "denoise_count", "progress", "progress_batch"]
+__all__ = [
+    "Components",
+    "Frame",
+    "Pace",
+    "PieConfig",
+    "ResumePoint",
+    "denoise_count",
+    "progress",
+    "progress_batch",
+]
 
 # on_denoise(progression_step, denoise_index (1-based), denoise_total)
 DenoiseCallback = Callable[[int, int, int], None]
@@ -87,6 +101,39 @@ class Frame:
     index: int
     image: Image.Image
     seconds: float
+    pace: dict[str, Any] | None = None  # a paced run: {"beta2" (None: held), "score", "target"}
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Closed-loop pace: each step keeps the candidate frame whose score is nearest the step's target.
+
+    ``score`` maps frames to one number each (e.g. a classifier's severity of the finding);
+    ``targets`` holds the target of steps 1..N, or is empty for a straight line from frame 0's
+    score to ``end``. ``candidates`` are the blend weights b2 tried inside the mask at every
+    step: they share the step's one denoising pass and differ only in the blend, so a step
+    costs the same UNet calls as an unpaced one, plus len(candidates) decodes and scores.
+    """
+
+    score: Callable[[list[Image.Image]], Any]
+    candidates: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    targets: tuple[float, ...] = ()
+    end: float = 1.0
+    decode_batch: int = 4  # candidate frames decoded at once (memory at large resolutions)
+
+    def check(self, steps: int) -> None:
+        if not self.candidates:
+            raise ValueError("pace needs at least one candidate blend weight")
+        if any(not (math.isfinite(c) and 0.0 <= c <= 1.0) for c in self.candidates):
+            raise ValueError("pace candidates must be blend weights in [0, 1]")
+        if self.targets and len(self.targets) != steps:
+            raise ValueError(f"pace has {len(self.targets)} targets for {steps} steps")
+
+    def targets_from(self, first: float, steps: int) -> tuple[float, ...]:
+        """The target of each step 1..N, given frame 0's score."""
+        if self.targets:
+            return self.targets
+        return tuple(first + (self.end - first) * n / steps for n in range(1, steps + 1))
 
 
 def fresh_scheduler(components: Components) -> Any:
@@ -268,7 +315,9 @@ def _progression_step(
     config: PieConfig,
     generators: list[torch.Generator],
     on_denoise: DenoiseCallback | None,
-) -> list[Image.Image]:
+    pace: Pace | None = None,
+    target: float = 0.0,
+) -> tuple[list[Image.Image], list[dict[str, Any]] | None]:
     device = components.device
     unet = components.unet
     k = len(generators)
@@ -306,6 +355,8 @@ def _progression_step(
             on_denoise(n, i + 1, total)
 
     # 4. Blend against the initial latents: b1 outside the mask, b2 inside.
+    if pace is not None and mask is not None:
+        return _paced_frames(components, prep, z_t, mask, n, config, pace, target, x_prev)
     if mask is None:
         z_out = z_t
     else:
@@ -314,7 +365,46 @@ def _progression_step(
 
     _require_finite(z_out, n, "latents")
     # 5. Decode to 8-bit frames; the next step starts from these rounded images.
-    return decode_latents(components, z_out, step=n)
+    return decode_latents(components, z_out, step=n), None
+
+
+def _paced_frames(
+    components: Components,
+    prep: _Prepared,
+    z_t: torch.Tensor,
+    mask: torch.Tensor,
+    n: int,
+    config: PieConfig,
+    pace: Pace,
+    target: float,
+    x_prev: list[Image.Image],
+) -> tuple[list[Image.Image], list[dict[str, Any]]]:
+    """Blend, decode and score every candidate b2; keep, per trajectory, the frame nearest ``target``.
+
+    The previous frame is a candidate too (kept when no blend comes nearer: a step whose edit
+    overshoots or vanishes then holds the finding rather than jumping); ties go to the smaller b2.
+    """
+    _require_finite(z_t, n, "latents")
+    frames, choices = [], []
+    for k in range(z_t.shape[0]):
+        z_k, init_k = z_t[k : k + 1], prep.z_init[k : k + 1]
+        candidates: list[Image.Image] = []
+        for start in range(0, len(pace.candidates), max(1, pace.decode_batch)):
+            chunk = pace.candidates[start : start + max(1, pace.decode_batch)]
+            z_out = torch.cat(
+                [init_k + (z_k - init_k) * (config.beta1 * (1 - mask) + c * mask) for c in chunk]
+            )
+            candidates += decode_latents(components, z_out, step=n)
+        scores = [float(s) for s in pace.score([*candidates, x_prev[k]])]
+        weights: list[float | None] = [*pace.candidates, None]  # None: the previous frame, held
+        held = len(candidates)
+        best = min(
+            range(len(scores)),
+            key=lambda i: (abs(scores[i] - target), i == held, weights[i] if i < held else 0.0),
+        )
+        frames.append(candidates[best] if best < len(candidates) else x_prev[k])
+        choices.append({"beta2": weights[best], "score": round(scores[best], 6), "target": round(target, 6)})
+    return frames, choices
 
 
 def _normalise_call(
@@ -342,6 +432,7 @@ def progress_batch(
     seeds: list[int] | None = None,
     on_denoise: DenoiseCallback | None = None,
     resume: ResumePoint | None = None,
+    pace: Pace | None = None,
     **params: Any,
 ) -> Iterator[list[Frame]]:
     """K independent progressions of one image, batched: yields K frames per step.
@@ -356,12 +447,22 @@ def progress_batch(
     then they are set to the saved states and the progression goes on from ``resume.step + 1``
     with the saved frames; on CPU the frames equal an uninterrupted run's bit for bit.
     Nothing is yielded for the steps already done.
+
+    ``pace`` (needs a mask) steers every step towards a target score, see :class:`Pace`;
+    each frame then carries the chosen blend weight, its score and the target.
     """
     components, config = _normalise_call(components, config, params)
+    if pace is not None:
+        if mask is None:
+            raise ValueError("pace chooses the blend weight inside the mask: give a mask")
+        pace.check(config.steps)
     if generators is None:
         generators = [torch.Generator("cpu").manual_seed(s) for s in (seeds or [42])]
     start = time.perf_counter()
     prep = _prepare(components, image, mask, config, generators)
+    targets: tuple[float, ...] = ()
+    if pace is not None:
+        targets = pace.targets_from(float(pace.score([prep.x0])[0]), config.steps)
     seconds = time.perf_counter() - start
     first = 1
     frames = [prep.x0] * len(generators)
@@ -377,9 +478,11 @@ def progress_batch(
             frames = [f.convert("RGB") for f in resume.frames]
     for n in range(first, config.steps + 1):
         start = time.perf_counter()
-        frames = _progression_step(components, prep, frames, n, config, generators, on_denoise)
+        frames, chosen = _progression_step(
+            components, prep, frames, n, config, generators, on_denoise, pace, targets[n - 1] if pace else 0.0
+        )
         seconds = time.perf_counter() - start
-        yield [Frame(n, f, seconds) for f in frames]
+        yield [Frame(n, f, seconds, chosen[j] if chosen is not None else None) for j, f in enumerate(frames)]
 
 
 @dataclass
@@ -400,6 +503,7 @@ def progress(
     generator: torch.Generator | None = None,
     seed: int = 42,
     on_denoise: DenoiseCallback | None = None,
+    pace: Pace | None = None,
     **params: Any,
 ) -> Iterator[Frame]:
     """Run PIE and yield frames x0 .. xN one by one (x0 is the preprocessed input).
@@ -413,6 +517,6 @@ def progress(
     """
     generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
     for frames in progress_batch(
-        components, image, mask, config, generators=[generator], on_denoise=on_denoise, **params
+        components, image, mask, config, generators=[generator], on_denoise=on_denoise, pace=pace, **params
     ):
         yield frames[0]

@@ -185,3 +185,36 @@ class ClipImages:
             ).image_embeds
         emb = emb / emb.norm(dim=-1, keepdim=True)
         return emb.numpy()
+
+
+def score_column(labels: tuple[str, ...], label: str) -> str:
+    """The output that measures ``label``'s severity: ``<label>_severity`` where the classifier grades it."""
+    graded = f"{label}_severity"
+    return graded if not label.endswith("_severity") and graded in labels else label
+
+
+_LOADED: dict[str, Classifier] = {}
+
+
+def pace_scorer(reference: str, target: str | None, prompt: str) -> tuple[Callable, dict]:
+    """What `pie simulate --pace` follows: (frames -> one score each, a record of what is scored).
+
+    The score is the classifier's severity of the target finding (expected grade / 3) where it
+    grades findings, as the demo classifier does, else its probability. A cohort loads each
+    classifier once.
+    """
+    if reference not in _LOADED:
+        _LOADED[reference] = load_classifier(reference)
+    classifier = _LOADED[reference]
+    try:
+        label = target_label(classifier.labels, prompt, target)
+    except UserError as exc:
+        raise UserError(str(exc).replace("--target-label", "--target")) from None
+    column = score_column(classifier.labels, label)
+    index = classifier.labels.index(column)
+
+    def score(images: list[Image.Image]) -> np.ndarray:
+        return np.asarray(classifier.predict(images), dtype=np.float64)[:, index]
+
+    kind = "severity (expected grade / 3)" if column != label else "probability"
+    return score, {"classifier": reference, "target": label, "output": column, "score": kind}

@@ -154,7 +154,12 @@ class RunWriter:
         self.manifest["outputs"]["mask"] = MASK
 
     def write_frame(
-        self, n: int, image: Image.Image, seconds: float, rng_states: list[Any] | None = None
+        self,
+        n: int,
+        image: Image.Image,
+        seconds: float,
+        rng_states: list[Any] | None = None,
+        pace: dict[str, Any] | None = None,
     ) -> None:
         """Frame ``n`` (atomically), then the manifest that makes it count, with the RNG states after it."""
         name = frame_name(n)
@@ -174,6 +179,8 @@ class RunWriter:
             "seconds": round(seconds, 4),
             "sha256": file_sha256(self.path / name),
         }
+        if pace is not None:  # a paced run: the blend weight chosen for this frame, its score, the target
+            entry["pace"] = pace
         self.manifest["frames"] = [f for f in self.manifest["frames"] if f["index"] != n] + [entry]
         self.manifest["last_complete_frame"] = n
         if rng_states is not None:
@@ -317,10 +324,18 @@ class CaseRun:
             writer.reopen(step)
         return [[_open_frame(w.clean_frame(n)) for n in range(step + 1)] for w in self.trajectories]
 
-    def write_step(self, index: int, images: list[Image.Image], seconds: float, states: list[Any]) -> None:
+    def write_step(
+        self,
+        index: int,
+        images: list[Image.Image],
+        seconds: float,
+        states: list[Any],
+        paces: list[dict[str, Any] | None] | None = None,
+    ) -> None:
         """Frame ``index`` of every trajectory, then the top manifest's progress."""
-        for writer, image, state in zip(self.trajectories, images, states, strict=True):
-            writer.write_frame(index, image, seconds, [state])
+        paces = paces or [None] * len(images)
+        for writer, image, state, pace in zip(self.trajectories, images, states, paces, strict=True):
+            writer.write_frame(index, image, seconds, [state], pace)
         if len(self.trajectories) > 1:
             self.top.manifest["last_complete_frame"] = index
             self.top.manifest["rng_states"] = [encode_state(s) for s in states]

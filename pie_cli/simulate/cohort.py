@@ -191,14 +191,15 @@ def run_cohort(
     *,
     stop_on_error: bool = False,
     headline: Headline | None = None,
+    score_loader: Any = None,
 ) -> CohortResult:
     """Every case of ``cohort`` under ``base.out``; ``stop_on_error`` re-raises a case's failure.
 
     ``headline`` measures a finished case's folder for ``cohort_summary.csv`` (its ``HEADLINE``
-    columns stay empty without it).
+    columns stay empty without it). ``score_loader`` builds the scorer of paced cases (``--pace``).
     """
     from pie_cli.signals import terminate_as_interrupt
-    from pie_cli.simulate.run import check_against_model, load_model, run_case
+    from pie_cli.simulate.run import check_against_model, load_model, make_pace, run_case
 
     if base.image is not None:
         raise UserError("give an IMAGE or --cohort, not both.")
@@ -219,7 +220,10 @@ def run_cohort(
                 components, placement = load_model(spec, plan.inputs, reporter)
             try:
                 check_against_model(spec, plan.inputs, components, reporter)
-                seconds = run_case(spec, plan.inputs, components, placement, reporter, resume=plan.resume)
+                pace = make_pace(spec, score_loader)
+                seconds = run_case(
+                    spec, plan.inputs, components, placement, reporter, resume=plan.resume, pace=pace
+                )
                 result.add(plan, "complete", seconds, headline)
             except Interrupted:
                 result.add(plan, "interrupted")

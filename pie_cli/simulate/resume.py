@@ -17,7 +17,16 @@ from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.reporting import SILENT, Reporter
-from pie_cli.simulate.run import Inputs, Resume, SimulateResult, check_against_model, load_model, run_case
+from pie_cli.simulate.run import (
+    Inputs,
+    Resume,
+    ScoreLoader,
+    SimulateResult,
+    check_against_model,
+    load_model,
+    make_pace,
+    run_case,
+)
 from pie_cli.simulate.spec import RECORDED, SCHEDULE_RECORDS, SimulateSpec, build_config, recorded_value
 
 # Recorded options a resume does not take back: the schedules' values are used, not their files,
@@ -26,7 +35,11 @@ _NOT_RESTORED = {*SCHEDULE_RECORDS, "compile"}
 
 
 def resume_run(
-    out: Path, base: SimulateSpec, reporter: Reporter = SILENT, given: dict[str, Any] | None = None
+    out: Path,
+    base: SimulateSpec,
+    reporter: Reporter = SILENT,
+    given: dict[str, Any] | None = None,
+    score_loader: ScoreLoader | None = None,
 ) -> SimulateResult:
     """Continue the run in ``out``; ``base`` carries the resuming command's device options.
 
@@ -39,12 +52,13 @@ def resume_run(
     if plan is None:
         return SimulateResult(Path(out), 0, 1, 0.0, None, already_complete=True)
     spec, inputs, resume = plan
+    pace = make_pace(spec, score_loader)  # a paced run follows its recorded curve and classifier
     step = resume.point.step
     reporter.note(f"resuming {out} after step {step} of {spec.steps}")
     with terminate_as_interrupt():
         components, placement = load_model(spec, inputs, reporter)
         check_against_model(spec, inputs, components, reporter)
-        seconds = run_case(spec, inputs, components, placement, reporter, resume=resume)
+        seconds = run_case(spec, inputs, components, placement, reporter, resume=resume, pace=pace)
     gif = spec.out / "progression.gif" if spec.gif and spec.trajectories == 1 else None
     return SimulateResult(spec.out, spec.steps, spec.trajectories, seconds, gif, first_step=step + 1)
 

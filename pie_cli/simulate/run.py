@@ -21,7 +21,11 @@ from pie_cli.core.parameters import PieConfig
 from pie_cli.core.registry import Adapter, ModelSource
 from pie_cli.errors import Interrupted, UserError
 from pie_cli.reporting import SILENT, Reporter
-from pie_cli.simulate.spec import SimulateSpec, build_config, recorded_parameters
+from pie_cli.simulate.spec import SimulateSpec, build_config, pace_plan, recorded_parameters
+
+# (classifier reference, target label or None, prompt) -> (frames -> one score each, a record of what
+# is scored). Injected by the CLI (pie_cli.evaluation.scorers.pace_scorer): simulate loads no classifier.
+ScoreLoader = Callable[[str, "str | None", str], tuple[Callable[[list[Image.Image]], Any], dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -162,15 +166,42 @@ def check_against_model(spec: SimulateSpec, inputs: Inputs, components: Any, rep
             )
 
 
-def run(spec: SimulateSpec, reporter: Reporter = SILENT) -> SimulateResult:
-    """`pie simulate IMAGE ...`: one case, K trajectories, into ``spec.out``."""
+def make_pace(spec: SimulateSpec, score_loader: ScoreLoader | None) -> tuple[Any, dict[str, Any]] | None:
+    """(core Pace, its manifest record) for a spec with --pace, else None; the classifier loads here."""
+    if spec.pace is None:
+        return None
+    from pie_cli.core.progression import Pace
+
+    plan = pace_plan(spec)
+    if score_loader is None:
+        raise UserError("--pace needs a classifier loader; pie's command line passes one.")
+    score, described = score_loader(str(spec.classifier), spec.target, spec.prompt or "")
+    record = {
+        **described,
+        "curve": spec.pace,
+        "targets": list(plan.targets) or None,
+        "end": plan.end,
+        "candidates": list(plan.candidates),
+        "choice": "per step, the candidate b2 whose frame's score is nearest the step's target",
+    }
+    return Pace(score, plan.candidates, plan.targets, plan.end), record
+
+
+def run(
+    spec: SimulateSpec, reporter: Reporter = SILENT, score_loader: ScoreLoader | None = None
+) -> SimulateResult:
+    """`pie simulate IMAGE ...`: one case, K trajectories, into ``spec.out``.
+
+    ``score_loader`` builds the scorer of a paced run (``--pace``), see :data:`ScoreLoader`.
+    """
     from pie_cli.signals import terminate_as_interrupt
 
     inputs = prepare_inputs(spec)
+    pace = make_pace(spec, score_loader)
     with terminate_as_interrupt():
         components, placement = load_model(spec, inputs, reporter)
         check_against_model(spec, inputs, components, reporter)
-        seconds = run_case(spec, inputs, components, placement, reporter)
+        seconds = run_case(spec, inputs, components, placement, reporter, pace=pace)
     gif = spec.out / "progression.gif" if spec.gif and spec.trajectories == 1 else None
     return SimulateResult(spec.out, spec.steps, spec.trajectories, seconds, gif)
 
@@ -182,8 +213,12 @@ def run_case(
     placement: Any,
     reporter: Reporter,
     resume: Resume | None = None,
+    pace: tuple[Any, dict[str, Any]] | None = None,
 ) -> float:
-    """Run one case into its folders (continuing ``resume`` if given); returns its seconds."""
+    """Run one case into its folders (continuing ``resume`` if given); returns its seconds.
+
+    ``pace`` is :func:`make_pace`'s (core Pace, record) for a paced run.
+    """
     import torch
 
     from pie_cli.core.loading import select_scheduler
@@ -196,6 +231,8 @@ def run_case(
     mark = watermark if spec.watermark else None
     if resume is None:
         manifest = new_manifest(spec, inputs, components, placement)
+        if pace is not None:
+            manifest["pace"] = pace[1]
         case = CaseRun.new(spec.out, manifest, seeds, watermark=mark, warn=reporter.warn)
         case.open(spec.overwrite, inputs.mask, output_files(spec))
         history: list[list[Image.Image]] = [[] for _ in seeds]
@@ -218,10 +255,15 @@ def run_case(
             generators=generators,
             on_denoise=reporter.inner,
             resume=resume.point if resume is not None else None,
+            pace=pace[0] if pace is not None else None,
         ):
             index = frames[0].index
             case.write_step(
-                index, [f.image for f in frames], frames[0].seconds, [g.get_state() for g in generators]
+                index,
+                [f.image for f in frames],
+                frames[0].seconds,
+                [g.get_state() for g in generators],
+                paces=[f.pace for f in frames],
             )
             for past, frame in zip(history, frames, strict=True):
                 past.append(frame.image)

@@ -10,6 +10,7 @@ spec to the parameters of a run, for a fresh run, a cohort case and a resumed ru
 from __future__ import annotations
 
 import functools
+import math
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +57,12 @@ class SimulateSpec:
     compile: bool = False
     watermark: bool = False
     allow_pickle: bool = False
+    # Closed-loop pace (opt-in): each step keeps the candidate b2 whose frame --classifier scores
+    # nearest the curve. pace: "linear", "linear:END", a comma list or a START:END ramp.
+    pace: str | None = None
+    classifier: str | None = None  # "demo", a classifier folder or file (what --pace follows)
+    target: str | None = None  # the classifier's label; default: the one the prompt names
+    pace_candidates: str | None = None  # the b2 values tried each step; default PACE_CANDIDATES
 
     @property
     def steps(self) -> int:
@@ -82,7 +89,18 @@ class SimulateSpec:
 # What a manifest records under "parameters": the prompt, every PIE parameter, and the run options
 # that shape the frames. The schedules' parsed values are recorded beside them as "prompts",
 # "strengths", "guidance_scales" and "beta2s".
-RUN_PARAMETERS = ("scheduler", "seed", "gif", "trajectories", *SCHEDULES, "compile", "watermark")
+PACE_OPTIONS = ("pace", "classifier", "target", "pace_candidates")
+RUN_PARAMETERS = (
+    "scheduler",
+    "seed",
+    "gif",
+    "trajectories",
+    *SCHEDULES,
+    "compile",
+    "watermark",
+    *PACE_OPTIONS,
+)
+PACE_CANDIDATES = "0:1"  # b2 = 0, 0.05, ..., 1: 21 candidates
 RECORDED = ("prompt", *TUNABLE, *RUN_PARAMETERS)
 SCHEDULE_RECORDS = {
     "prompt_schedule": "prompts",
@@ -182,11 +200,83 @@ def build_config(
         raise UserError(f"--{name.replace('_', '-')} {problem}.")
     if config.mask_growth and spec.mask is None and spec.image is not None:
         raise UserError("--mask-growth grows the mask over the steps: give --mask too.")
+    if any(getattr(spec, name) is not None for name in PACE_OPTIONS):
+        pace_plan(spec)  # checked now, before anything is loaded
     if not 0 <= spec.seed < MAX_SEED:
         raise UserError(f"--seed must be in [0, 2^63), got {spec.seed}.")
     if not 1 <= spec.trajectories <= MAX_TRAJECTORIES:
         raise UserError(f"--trajectories must be in 1..{MAX_TRAJECTORIES}, got {spec.trajectories}.")
     return config
+
+
+@dataclass(frozen=True)
+class PacePlan:
+    """What --pace asks for, parsed: the targets of steps 1..N (or a line to ``end``) and the candidates."""
+
+    targets: tuple[float, ...]  # empty: a straight line from frame 0's score to ``end``
+    end: float
+    candidates: tuple[float, ...]
+
+
+def pace_plan(spec: SimulateSpec) -> PacePlan:
+    """The checked --pace, --classifier, --target and --pace-candidates of ``spec``; a ``UserError`` if wrong."""
+    from pie_cli.core.schedules import parse_numbers
+
+    if spec.pace is None:
+        extra = "--classifier" if spec.classifier is not None else "--target"
+        if spec.pace_candidates is not None:
+            extra = "--pace-candidates"
+        raise UserError(f"{extra} steers a closed-loop pace: give --pace too (e.g. --pace linear).")
+    if spec.classifier is None:
+        raise UserError(
+            "--pace follows a classifier's score of each frame: give --classifier (e.g. --classifier demo)."
+        )
+    if spec.mask is None and spec.image is not None:
+        raise UserError("--pace chooses how much of each step's edit the mask shows: give --mask too.")
+    steps = spec.params.steps
+    text = spec.pace.strip()
+    end = 1.0
+    targets: tuple[float, ...] = ()
+    if text == "linear" or text.startswith("linear:"):
+        if text != "linear":
+            try:
+                end = float(text.split(":", 1)[1])
+            except ValueError:
+                raise UserError(
+                    f"--pace {spec.pace!r}: linear:END needs a number END, e.g. linear:0.67."
+                ) from None
+    else:
+        try:
+            targets = parse_numbers(text, steps, "--pace")
+        except UserError as exc:
+            raise UserError(f"{exc} Or give 'linear' (frame 0's score to 1) or 'linear:END'.") from None
+    for value in (*targets, end):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise UserError(
+                f"--pace {spec.pace!r}: targets are classifier scores in [0, 1] (severity = grade / 3), got {value:g}."
+            )
+    candidates = _candidates(spec.pace_candidates or PACE_CANDIDATES)
+    return PacePlan(targets, end, candidates)
+
+
+def _candidates(text: str) -> tuple[float, ...]:
+    """``"0,0.5,1"`` or ``"0:1"`` (21 values, steps of 1/20): the blend weights b2 a paced step tries."""
+    try:
+        if ":" in text and "," not in text:
+            start, stop = (float(v) for v in text.split(":"))
+            values = tuple(round(start + (stop - start) * i / 20, 10) for i in range(21))
+        else:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(
+            f"--pace-candidates {text!r} must be a comma list of blend weights or a START:END range."
+        ) from None
+    if not values:
+        raise UserError("--pace-candidates is empty; give blend weights such as 0:1 or 0,0.25,0.5,0.75,1.")
+    for value in values:
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise UserError(f"--pace-candidates values are blend weights in [0, 1], got {value:g}.")
+    return tuple(sorted(set(values)))
 
 
 def recorded_parameters(config: PieConfig, spec: SimulateSpec) -> dict[str, Any]:

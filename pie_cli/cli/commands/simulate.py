@@ -149,6 +149,52 @@ def simulate(
             "e.g. 0.2:0.9 for a finding that grows; comma list or linear ramp. Default: --beta2 every step.",
         ),
     ] = None,
+    pace: Annotated[
+        str | None,
+        typer.Option(
+            "--pace",
+            metavar="linear[:END]|LIST|START:END",
+            show_default=False,
+            rich_help_panel="Closed-loop pace",
+            help="Steer the finding's growth: each step tries the --pace-candidates blend weights (one "
+            "denoising, several decodes) and keeps the frame whose --classifier score is nearest the "
+            "curve. 'linear' = a straight line from frame 0's score to 1 (severity grade 3 for the demo "
+            "classifier), 'linear:0.67' ends at grade 2; or the score per step as a list or ramp. Needs --mask.",
+        ),
+    ] = None,
+    classifier: Annotated[
+        str | None,
+        typer.Option(
+            "--classifier",
+            metavar="REF",
+            show_default=False,
+            rich_help_panel="Closed-loop pace",
+            help="What --pace follows: 'demo', a Hugging Face image-classification folder, or a "
+            "TorchScript / .pt2 file (as for `pie evaluate`).",
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            "--target-label",
+            metavar="LABEL",
+            show_default=False,
+            rich_help_panel="Closed-loop pace",
+            help="The classifier label --pace follows (its severity where graded). Default: the label "
+            "the prompt names.",
+        ),
+    ] = None,
+    pace_candidates: Annotated[
+        str | None,
+        typer.Option(
+            "--pace-candidates",
+            metavar="LIST|START:END",
+            show_default=False,
+            rich_help_panel="Closed-loop pace",
+            help="Blend weights b2 a paced step tries: a comma list, or START:END (21 values). Default 0:1.",
+        ),
+    ] = None,
     cohort: Annotated[
         Path | None,
         typer.Option(
@@ -204,7 +250,13 @@ def simulate(
         compile=compile_unet,
         watermark=watermark,
         allow_pickle=allow_pickle,
+        pace=pace,
+        classifier=classifier,
+        target=target,
+        pace_candidates=pace_candidates,
     )
+    from pie_cli.evaluation.scorers import pace_scorer
+
     if resume:
         if out is None:
             raise UserError("--resume needs --out DIR, the run directory to continue.")
@@ -218,7 +270,7 @@ def simulate(
         # Options given again (a requeued SLURM job repeats its command line) must match the run.
         given = {name: value for name, value in spec_values(spec).items() if _given(ctx, name)}
         with ProgressDisplay() as display:
-            done = resume_run(out, spec, display, given=given)
+            done = resume_run(out, spec, display, given=given, score_loader=pace_scorer)
         if done.already_complete:
             info(f"{out} is already complete; nothing to resume.")
         else:
@@ -228,7 +280,9 @@ def simulate(
         from pie_cli.simulate.cohort import run_cohort
 
         with ProgressDisplay() as display:
-            done = run_cohort(cohort, spec, display, stop_on_error=ui.debug, headline=headline)
+            done = run_cohort(
+                cohort, spec, display, stop_on_error=ui.debug, headline=headline, score_loader=pace_scorer
+            )
         info(
             f"cohort: {done.count('complete')} run, {done.count('skipped')} skipped, {done.failures} failed "
             f"-> {done.summary}"
@@ -241,7 +295,7 @@ def simulate(
         from pie_cli.simulate.run import run
 
         with ProgressDisplay() as display:
-            done = run(spec, display)
+            done = run(spec, display, score_loader=pace_scorer)
         many = f" x {done.trajectories} trajectories" if done.trajectories > 1 else ""
         info(
             f"pie: {done.steps} progression steps{many} in {done.seconds:.1f} s "
@@ -301,5 +355,9 @@ def spec_values(spec) -> dict:
         guidance_schedule=spec.guidance_schedule,
         beta2_schedule=spec.beta2_schedule,
         watermark=spec.watermark,
+        pace=spec.pace,
+        classifier=spec.classifier,
+        target=spec.target,
+        pace_candidates=spec.pace_candidates,
     )
     return values
