@@ -39,8 +39,13 @@ def evaluate_run(
     classifier: str | None = None,
     clip: Path | None = None,
     target_label: str | None = None,
+    ledger: Any = None,
 ) -> Evaluation:
-    """Measure the frames of ``run_dir`` and write the metrics and the report beside them."""
+    """Measure the frames of ``run_dir`` and write the metrics and the report beside them.
+
+    ``ledger`` is the ownership ledger to check and record the outputs in (a trajectory folder's
+    is its run's, one level up); by default ``run_dir``'s own.
+    """
     from pie_cli.evaluation.metrics import frame_metrics, rows, summarise
     from pie_cli.evaluation.report import render
     from pie_cli.imaging.files import png_writer, write_together
@@ -58,7 +63,7 @@ def evaluate_run(
         raise UserError(f"RUN_DIR {run_dir} is not writable; evaluate writes its metrics and report there.")
     check_not_locked(run_dir, "RUN_DIR")  # a run still writing: its frames are not all there
     outputs = (run_dir / METRICS_JSON, run_dir / METRICS_CSV, run_dir / REPORT)
-    ledger = Ledger(run_dir)
+    ledger = ledger if ledger is not None else Ledger(run_dir)
     for path in outputs:  # earlier evaluations are replaced, a file of the user's never
         _check_replaceable(path, ledger)
     classifier_file = Path(classifier) if classifier and classifier != "demo" else None
@@ -83,10 +88,10 @@ def evaluate_run(
     metrics = frame_metrics(frames, mask)
     label = None
     if classifier is not None:
-        from pie_cli.evaluation.scorers import load_classifier
+        from pie_cli.evaluation.scorers import cached_classifier
         from pie_cli.evaluation.scorers import target_label as pick_label
 
-        scorer = load_classifier(classifier)
+        scorer = cached_classifier(classifier)
         label = pick_label(scorer.labels, prompt, target_label)
         scores = scorer.predict(frames)
         probs = scores[:, scorer.labels.index(label)]
@@ -104,6 +109,14 @@ def evaluate_run(
             m.clip_i = round(float(e @ emb[0]), 6)
 
     table = rows(metrics)
+    summary = summarise(metrics)
+    steered = steered_by(run_dir)
+    if classifier is not None and steered is not None and steered.get("classifier") == classifier:
+        summary["note"] = (
+            f"the pace of this run was steered by this same classifier ({classifier}, {steered.get('output')}), "
+            "so its curve follows the target by construction; judge the progression with another classifier "
+            "or by eye."
+        )
     data = {
         "run": str(run_dir),
         "prompt": prompt,
@@ -111,7 +124,8 @@ def evaluate_run(
         "classifier": classifier,
         "target_label": label,
         "clip": str(clip) if clip else None,
-        "summary": summarise(metrics),
+        "steered_by": steered,
+        "summary": summary,
         "frames": table,
     }
     buffer = io.StringIO()
@@ -131,6 +145,18 @@ def evaluate_run(
     )
     ledger.record(*written)  # so a later --overwrite of the run (or evaluate) knows them as pie's
     return Evaluation(data, metrics, label, written)
+
+
+def steered_by(run_dir: Path) -> dict[str, Any] | None:
+    """A paced run's record of what steered it (manifest ``pace``: classifier, output, curve), else None."""
+    from pie_cli.runs.manifest import MANIFEST
+
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pace = manifest.get("pace") if isinstance(manifest, dict) else None
+    return pace if isinstance(pace, dict) else None
 
 
 def _check_replaceable(path: Path, ledger) -> None:

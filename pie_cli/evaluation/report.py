@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pie_cli.evaluation.metrics import FrameMetrics
@@ -84,3 +85,180 @@ def render(
     for k, chart in enumerate(charts):
         sheet.paste(chart, ((k % cols) * PANEL_W, 28 + strip.height + (k // cols) * PANEL_H))
     return sheet
+
+
+# A perceptually ordered colour scale (dark violet -> blue -> teal -> green -> yellow) for uncertainty.
+SCALE = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def colour_scale(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB on :data:`SCALE`, linearly between its anchors."""
+    v = np.clip(values, 0.0, 1.0) * (len(SCALE) - 1)
+    low = np.floor(v).astype(int).clip(0, len(SCALE) - 2)
+    t = (v - low)[..., None]
+    anchors = np.asarray(SCALE, dtype=np.float64)
+    return (anchors[low] * (1 - t) + anchors[low + 1] * t).round().astype(np.uint8)
+
+
+def uncertainty_maps(grid: list[list[Image.Image]]) -> tuple[list[np.ndarray], float]:
+    """Per step, the per-pixel standard deviation of the grey level across trajectories, and their maximum."""
+    steps = len(grid[0])
+    maps = []
+    for i in range(steps):
+        stack = np.stack([np.asarray(row[i].convert("L"), dtype=np.float64) for row in grid])
+        maps.append(stack.std(axis=0, ddof=1) if len(grid) > 1 else np.zeros(stack.shape[1:]))
+    return maps, float(max(m.max() for m in maps))
+
+
+def _band_chart(
+    title: str,
+    mean: list,
+    sd: list,
+    colour: tuple[int, int, int],
+    unit: str,
+    bounds: tuple[float, float] | None = None,
+) -> Image.Image:
+    """Mean per frame with a +- sd band; y axis labelled with its range and unit, x axis with frames."""
+    img = Image.new("RGB", (PANEL_W, PANEL_H), "white")
+    draw = ImageDraw.Draw(img, "RGBA")
+    font = _font(12)
+    draw.text((8, 4), title, fill="black", font=font)
+    left, right, top, bottom = 44, PANEL_W - 10, 24, PANEL_H - 22
+    draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+    points = [(i, m, s or 0.0) for i, (m, s) in enumerate(zip(mean, sd, strict=True)) if m is not None]
+    if not points:
+        draw.text((left + 8, top + 8), "n/a", fill=(120, 120, 120), font=font)
+        return img
+    lo = min(m - s for _, m, s in points)
+    hi = max(m + s for _, m, s in points)
+    if bounds is not None:  # a measure with a fixed range (a probability) is drawn on all of it
+        lo, hi = bounds
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(1, len(mean) - 1)
+
+    def xy(i: float, y: float) -> tuple[float, float]:
+        y = min(max(y, lo), hi)
+        return left + (right - left) * i / n, bottom - (bottom - top) * (y - lo) / (hi - lo)
+
+    band = [xy(i, m + s) for i, m, s in points] + [xy(i, m - s) for i, m, s in reversed(points)]
+    if len(points) > 1:
+        draw.polygon(band, fill=(*colour, 60))
+        draw.line([xy(i, m) for i, m, _ in points], fill=colour, width=2)
+    draw.text((2, top - 6), f"{hi:.3g}", fill=(90, 90, 90), font=_font(10))
+    draw.text((2, bottom - 8), f"{lo:.3g}", fill=(90, 90, 90), font=_font(10))
+    draw.text((2, (top + bottom) // 2 - 6), unit, fill=(90, 90, 90), font=_font(10))
+    draw.text((left, bottom + 4), "frame 0", fill=(90, 90, 90), font=_font(10))
+    draw.text((right - 40, bottom + 4), f"frame {len(mean) - 1}", fill=(90, 90, 90), font=_font(10))
+    return img
+
+
+CURVES = (
+    ("change_in_mask", "change inside the mask, mean +- sd", "grey", None),
+    ("psnr_outside", "PSNR outside the mask, mean +- sd", "dB", None),
+    ("severity", "classifier severity, mean +- sd", "grade/3", (0.0, 1.0)),
+    ("confidence", "classifier confidence, mean +- sd", "P", (0.0, 1.0)),
+)
+
+
+def render_trajectories(
+    grid: list[list[Image.Image]], per_step: dict, title: str, target: str | None
+) -> Image.Image:
+    """K rows of frames (up to 11 columns), a row of per-step uncertainty maps on a labelled colour
+    scale, and mean +- sd curves."""
+    steps = len(grid[0])
+    picks = list(range(steps)) if steps <= 11 else sorted({round(k * (steps - 1) / 10) for k in range(11)})
+    thumb, label_w = 80, 64
+    maps, top = uncertainty_maps(grid)
+    rows = len(grid) + 1
+    block = Image.new("RGB", (label_w + thumb * len(picks), 16 + rows * thumb + 52), "white")
+    draw = ImageDraw.Draw(block)
+    for k, p in enumerate(picks):
+        draw.text((label_w + k * thumb + 4, 2), f"frame {p}", fill="black", font=_font(11))
+    for r, row in enumerate(grid):
+        draw.text((4, 16 + r * thumb + thumb // 2 - 6), f"traj {r:02d}", fill="black", font=_font(11))
+        for k, p in enumerate(picks):
+            block.paste(
+                row[p].convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS),
+                (label_w + k * thumb, 16 + r * thumb),
+            )
+    y = 16 + len(grid) * thumb
+    draw.text((4, y + thumb // 2 - 12), "spread", fill="black", font=_font(11))
+    draw.text((4, y + thumb // 2 + 2), "(sd)", fill="black", font=_font(11))
+    for k, p in enumerate(picks):
+        coloured = colour_scale(maps[p] / top if top > 0 else maps[p])
+        block.paste(
+            Image.fromarray(coloured, "RGB").resize((thumb, thumb), Image.Resampling.NEAREST),
+            (label_w + k * thumb, y),
+        )
+    # The colour scale: what a colour of the spread row means, in grey levels.
+    bar_y = y + thumb + 8
+    bar_w = min(240, thumb * len(picks))
+    bar = colour_scale(np.tile(np.linspace(0, 1, bar_w), (10, 1)))
+    block.paste(Image.fromarray(bar, "RGB"), (label_w, bar_y))
+    draw.text((label_w, bar_y + 12), "0", fill="black", font=_font(10))
+    draw.text((label_w + bar_w - 30, bar_y + 12), f"{top:.1f}", fill="black", font=_font(10))
+    draw.text(
+        (label_w, bar_y + 24),
+        "sd of the grey level across trajectories",
+        fill="black",
+        font=_font(10),
+    )
+    charts = [
+        _band_chart(
+            f"{name_title}{f': {target}' if target and name in ('severity', 'confidence') else ''}",
+            per_step[name]["mean"],
+            per_step[name]["sd"],
+            COLOURS[k % len(COLOURS)],
+            unit,
+            bounds,
+        )
+        for k, (name, name_title, unit, bounds) in enumerate(CURVES)
+        if name in per_step
+    ]
+    cols = max(1, min(len(charts), max(2, block.width // PANEL_W)))
+    width = max(block.width, cols * PANEL_W)
+    height = 28 + block.height + math.ceil(len(charts) / cols) * PANEL_H
+    sheet = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(sheet).text((8, 6), title, fill="black", font=_font(14))
+    sheet.paste(block, (0, 28))
+    for k, chart in enumerate(charts):
+        sheet.paste(chart, ((k % cols) * PANEL_W, 28 + block.height + (k // cols) * PANEL_H))
+    return sheet
+
+
+def render_cohort(curves: dict[str, list[float]], title: str, measure: str) -> Image.Image:
+    """Every case's curve (its mean over trajectories) in one chart, with the cases named."""
+    width, height, left, right, top, bottom = 760, 360, 60, 520, 36, 320
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 6), title, fill="black", font=_font(14))
+    draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+    if not curves:
+        draw.text((left + 8, top + 8), "no curve", fill=(120, 120, 120), font=_font(12))
+        return img
+    values = [v for c in curves.values() for v in c]
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(1, max(len(c) for c in curves.values()) - 1)
+    draw.text((4, top - 6), f"{hi:.3g}", fill=(90, 90, 90), font=_font(10))
+    draw.text((4, bottom - 8), f"{lo:.3g}", fill=(90, 90, 90), font=_font(10))
+    draw.text((4, (top + bottom) // 2), measure.replace("_", " "), fill=(90, 90, 90), font=_font(10))
+    draw.text((left, bottom + 4), "frame 0", fill=(90, 90, 90), font=_font(10))
+    draw.text((right - 40, bottom + 4), f"frame {n}", fill=(90, 90, 90), font=_font(10))
+    palette = [*COLOURS, (255, 127, 14), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+    for k, (name, curve) in enumerate(curves.items()):
+        colour = palette[k % len(palette)]
+        pts = [
+            (left + (right - left) * i / n, bottom - (bottom - top) * (v - lo) / (hi - lo))
+            for i, v in enumerate(curve)
+        ]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        if k < 16:
+            draw.line((540, top + 8 + 18 * k, 570, top + 8 + 18 * k), fill=colour, width=3)
+            draw.text((578, top + 2 + 18 * k), name[:24], fill="black", font=_font(11))
+    if len(curves) > 16:
+        draw.text((540, top + 8 + 18 * 16), f"... and {len(curves) - 16} more", fill="black", font=_font(11))
+    return img

@@ -203,9 +203,7 @@ def pace_scorer(reference: str, target: str | None, prompt: str) -> tuple[Callab
     grades findings, as the demo classifier does, else its probability. A cohort loads each
     classifier once.
     """
-    if reference not in _LOADED:
-        _LOADED[reference] = load_classifier(reference)
-    classifier = _LOADED[reference]
+    classifier = cached_classifier(reference)
     try:
         label = target_label(classifier.labels, prompt, target)
     except UserError as exc:
@@ -218,3 +216,18 @@ def pace_scorer(reference: str, target: str | None, prompt: str) -> tuple[Callab
 
     kind = "severity (expected grade / 3)" if column != label else "probability"
     return score, {"classifier": reference, "target": label, "output": column, "score": kind}
+
+
+def cached_classifier(reference: str) -> Classifier:
+    """``load_classifier`` once per reference and process (a cohort or K trajectories share it)."""
+    path = Path(reference).expanduser()
+    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
+    # A file changed in place is loaded again: the key holds every file's size and time.
+    key = (
+        reference
+        + "|"
+        + ";".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    )
+    if key not in _LOADED:
+        _LOADED[key] = load_classifier(reference)
+    return _LOADED[key]

@@ -340,3 +340,17 @@ def write(
             write_mp4(frames, path, times, run_id)
         else:
             raise UserError(f"--out {path}: unknown format {suffix or '(none)'!r}; use {', '.join(FORMATS)}.")
+
+
+LANCZOS = Image.Resampling.LANCZOS
+
+
+def tile(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Images of one size on a grid, ``columns`` per row, left to right then top to bottom."""
+    cols = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "black")
+    for k, img in enumerate(images):
+        sheet.paste(img.convert("RGB"), ((k % cols) * w, (k // cols) * h))
+    return sheet

@@ -17,7 +17,7 @@ from pie_cli.errors import UserError
 from pie_cli.imaging.animation import SourceFrame
 from pie_cli.imaging.masks import mask_to_grey
 from pie_cli.imaging.media import open_image
-from pie_cli.runs.manifest import MASK
+from pie_cli.runs.manifest import COHORT_SUMMARY, MANIFEST, MASK
 
 FRAME_FILE = re.compile(r"^frame_(\d+)\.png$")
 
@@ -77,3 +77,74 @@ def load_mask(path: Path, frames: Sequence[Image.Image]) -> np.ndarray:
             f"{frames[0].width}x{frames[0].height}."
         )
     return mask
+
+
+def has_frames(folder: Path) -> bool:
+    return any(p.is_file() for p in Path(folder).glob("frame_[0-9]*.png"))
+
+
+def trajectory_folders(folder: Path) -> list[Path]:
+    """A ``--trajectories`` run's ``traj_KK/`` folders that hold frames, in order."""
+    return sorted(p for p in Path(folder).glob("traj_[0-9][0-9]") if p.is_dir() and has_frames(p))
+
+
+def folder_kind(folder: Path) -> str:
+    """ "run", "trajectories" or "cohort": what a folder of pie's given to a command is."""
+    folder = Path(folder)
+    if not folder.is_dir() or has_frames(folder):
+        return "run"
+    if trajectory_folders(folder):
+        return "trajectories"
+    try:
+        subs = [p for p in folder.iterdir() if p.is_dir()]
+    except PermissionError:
+        return "run"  # the single-run path names the problem
+    if (folder / COHORT_SUMMARY).is_file() or any(has_frames(p) or trajectory_folders(p) for p in subs):
+        return "cohort"
+    return "run"
+
+
+def case_folders(folder: Path) -> list[Path]:
+    """A cohort's case folders: in cohort_summary.csv's order where it lists them, then by name."""
+    import csv
+
+    folder = Path(folder)
+    names: list[str] = []
+    summary = folder / COHORT_SUMMARY
+    if summary.is_file():
+        try:
+            with summary.open(newline="", encoding="utf-8") as handle:
+                names = [row["case"] for row in csv.DictReader(handle) if row.get("case")]
+        except (OSError, ValueError, KeyError, csv.Error):
+            names = []
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    order = [n for n in dict.fromkeys(names) if n in found] + [n for n in found if n not in names]
+    return [
+        folder / n
+        for n in order
+        if has_frames(folder / n) or trajectory_folders(folder / n) or (folder / n / MANIFEST).is_file()
+    ]
+
+
+def frame_groups(folder: Path) -> list[tuple[str, Path]] | None:
+    """The labelled run folders a trajectory run or a cohort shows side by side; None for a plain run.
+
+    A cohort case with trajectories shows its first; a case that did not finish is left out.
+    """
+    from pie_cli.runs.manifest import status_of
+
+    kind = folder_kind(folder)
+    if kind == "trajectories":
+        return [(p.name.replace("_", " "), p) for p in trajectory_folders(folder)]
+    if kind == "cohort":
+        groups = []
+        for case in case_folders(folder):
+            if (case / MANIFEST).is_file() and status_of(case) != "complete":
+                continue
+            subs = trajectory_folders(case)
+            if subs or has_frames(case):
+                groups.append((case.name, subs[0] if subs else case))
+        if not groups:
+            raise UserError(f"{folder} holds no finished cohort case to show.")
+        return groups
+    return None

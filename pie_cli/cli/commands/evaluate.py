@@ -14,7 +14,12 @@ from pie_cli.cli.options import DebugOpt, JsonOpt
 
 def evaluate(
     run_dir: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR", help="A `pie simulate` run directory.", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="RUN_DIR",
+            help="A `pie simulate` run directory, a --trajectories run or a --cohort folder.",
+            show_default=False,
+        ),
     ],
     classifier: Annotated[
         str | None,
@@ -47,11 +52,23 @@ def evaluate(
 ) -> None:
     """Per frame: change inside the mask, PSNR/SSIM outside it, step change, classifier confidence, CLIP-I.
 
-    Writes metrics.json, metrics.csv and report.png into RUN_DIR (replacing earlier ones).
-    """
-    from pie_cli.evaluation.evaluate import evaluate_run
+    Writes metrics.json, metrics.csv and report.png into RUN_DIR (replacing earlier ones). For a
+    --trajectories run, each traj_KK/ is evaluated and RUN_DIR gets per-trajectory rows, mean +- sd
+    per step and a K x N grid with per-step uncertainty; for a --cohort folder, each finished case
+    is evaluated and RUN_DIR gets one row per case and the mean +- sd over cases.
 
-    done = evaluate_run(run_dir, classifier, clip, target_label)
+    Examples:
+
+      pie evaluate runs/chest --classifier demo
+      pie evaluate runs/chest-k8 --classifier demo      # traj_00 .. traj_07 and their spread
+      pie evaluate runs/cohort --classifier demo --json
+    """
+    from pie_cli.evaluation.groups import evaluate_path
+
+    done = evaluate_path(run_dir, classifier, clip, target_label)
+    if getattr(done, "kind", None) in ("trajectories", "cohort"):
+        _group(done, as_json)
+        return
     summary, label, metrics = done.summary, done.label, done.metrics
     if as_json:
         result(json.dumps(done.data, indent=2))
@@ -71,6 +88,46 @@ def evaluate(
         info("outside the mask: every frame identical to frame 0")
     if "pace" in summary:
         info(f"pace ({summary['pace']['of'].replace('_', ' ')}): {summary['pace']['sentence']}")
+    if summary.get("note"):
+        info(f"note: {summary['note']}")
+    info(f"evaluate: {', '.join(str(p) for p in done.written)}")
+
+
+def _group(done, as_json: bool) -> None:
+    """What a trajectory run's or a cohort's evaluation says: its aggregate, the pace of the mean, notes."""
+    if as_json:
+        result(json.dumps(done.data, indent=2))
+    summary = done.summary
+    if done.kind == "trajectories":
+        info(f"{summary['trajectories']} trajectories of {summary['frames']} frames each")
+        agg = summary["aggregate"]
+        for key in (
+            "final_change_in_mask",
+            "min_psnr_outside",
+            "spearman",
+            "first_step_share",
+            "steps_to_90",
+        ):
+            if key in agg:
+                info(f"  {key.replace('_', ' ')}: {agg[key]['mean']:.3f} +- {agg[key]['sd']:.3f}")
+        if "pace_of_mean" in summary:
+            info(
+                f"pace ({summary['pace_of_mean']['of'].replace('_', ' ')}): {summary['pace_of_mean']['sentence']}"
+            )
+    else:
+        info(f"{summary['cases']} cases evaluated, {summary['not_evaluated']} not finished")
+        for row in done.data["cases"]:
+            if row["case"] not in ("mean", "sd"):
+                cells = ", ".join(
+                    f"{k.replace('_', ' ')} {row[k]:.3g}"
+                    for k in ("final_change_in_mask", "final_severity", "spearman")
+                    if isinstance(row.get(k), (int, float))
+                )
+                info(f"  {row['case']}: {row['status']}{'; ' + cells if cells else ''}")
+        for key, stats in summary["aggregate"].items():
+            info(f"  mean over cases, {key.replace('_', ' ')}: {stats['mean']:.3f} +- {stats['sd']:.3f}")
+    if summary.get("note"):
+        info(f"note: {summary['note']}")
     info(f"evaluate: {', '.join(str(p) for p in done.written)}")
 
 

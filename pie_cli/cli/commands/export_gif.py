@@ -105,6 +105,10 @@ def export_gif(
                 f"writing {out_path.name} needs the optional video extra: pip install 'pie-cli[video]' (PyAV)."
             ) from None
 
+    groups = run_frames.frame_groups(inputs[0]) if len(inputs) == 1 and Path(inputs[0]).is_dir() else None
+    if groups is not None:
+        _export_groups(groups, out_path, inputs, suffix, options_of(locals()), mask_outline, watermark)
+        return
     sources, mask_path = run_frames.collect(inputs)
     read = [("RUN_DIR_OR_FRAMES", source.path) for source in sources] + [("the run's mask", mask_path)]
     refuse_overlap("--out", out_path, read)  # never one of the frames it reads, whatever --overwrite says
@@ -121,20 +125,7 @@ def export_gif(
             f"GIF stores delays in 10 ms units: --duration-ms {duration_ms} plays as {duration_ms // 10 * 10} ms."
         )
 
-    options = export.ExportOptions(
-        duration_ms=duration_ms,
-        hold_last_ms=hold_last_ms,
-        loop=loop,
-        bounce=bounce,
-        every=every,
-        resize=resize,
-        columns=columns,
-        caption=caption,
-        side_by_side=side_by_side,
-        diff=diff,
-        mask_outline=mask_outline,
-        lossless=lossless,
-    )
+    options = options_of(locals())
     picks, turn = export.sequence(len(images), every, bounce if suffix != ".png" else False)
     frames = export.compose(images, sources, picks, options, mask)
     if watermark:
@@ -143,4 +134,100 @@ def export_gif(
         frames = [burn(f) for f in frames]
     export.write(frames, out_path, options, turn, run_id=run_id_of(inputs))
     info(f"export: {len(frames)} frames, {frames[0].width}x{frames[0].height} -> {out_path}")
+    result(str(out_path))
+
+
+def options_of(given: dict):
+    """The export options of the command's values (``locals()`` of :func:`export_gif`)."""
+    from pie_cli.imaging import animation as export
+
+    return export.ExportOptions(
+        duration_ms=given["duration_ms"],
+        hold_last_ms=given["hold_last_ms"],
+        loop=given["loop"],
+        bounce=given["bounce"],
+        every=given["every"],
+        resize=given["resize"],
+        columns=given["columns"],
+        caption=given["caption"],
+        side_by_side=given["side_by_side"],
+        diff=given["diff"],
+        mask_outline=given["mask_outline"],
+        lossless=given["lossless"],
+    )
+
+
+def _export_groups(groups, out_path: Path, inputs, suffix: str, options, mask_outline: bool, watermark: bool):
+    """A trajectory run or a cohort: every member's frames as one tile each, labelled.
+
+    An animation shows all tiles at each step (``--columns`` tiles per row, default up to 4); a
+    .png is the K x N grid, one row per member, one column per frame.
+    """
+    from dataclasses import replace
+
+    from pie_cli.imaging import animation as export
+    from pie_cli.imaging.annotate import draw_caption
+    from pie_cli.imaging.ownership import refuse_overlap
+    from pie_cli.runs import frames as run_frames
+    from pie_cli.runs.manifest import run_id_of
+
+    loaded = []
+    read = []
+    for label, folder in groups:
+        sources, mask_path = run_frames.collect([folder])
+        read += [("RUN_DIR_OR_FRAMES", s.path) for s in sources] + [("the run's mask", mask_path)]
+        loaded.append((label, folder, sources, mask_path))
+    refuse_overlap("--out", out_path, read)
+    counts = {len(s) for _, _, s, _ in loaded}
+    if len(counts) != 1:
+        raise UserError(
+            f"{inputs[0]}: its runs have different numbers of frames ({', '.join(str(c) for c in sorted(counts))}); "
+            "export them one by one."
+        )
+    if options.caption is not None:
+        export.caption_text(options.caption, 0, 0, "x")
+    tiles_per_member = []
+    size = None
+    picks, turn = export.sequence(counts.pop(), options.every, options.bounce if suffix != ".png" else False)
+    for label, folder, sources, mask_path in loaded:
+        images = run_frames.load(sources)
+        if size is not None and images[0].size != size:
+            raise UserError(
+                f"{folder}'s frames are {images[0].width}x{images[0].height}, unlike the others'."
+            )
+        size = images[0].size
+        mask = None
+        if mask_outline:
+            if mask_path is None:
+                raise UserError(f"--mask-outline needs mask.png in {folder}.")
+            mask = run_frames.load_mask(mask_path, images)
+        frames = export.compose(images, sources, picks, replace(options, resize=None, caption=None), mask)
+        last = sources[-1].index
+        captioned = []
+        for p, frame in zip(picks, frames, strict=True):
+            text = label
+            if options.caption:
+                text = f"{label}: {export.caption_text(options.caption, sources[p].index, last, sources[p].path.name)}"
+            captioned.append(draw_caption(frame, text))
+        tiles_per_member.append(captioned)
+    if suffix == ".png":
+        rows = [export.tile(tiles, len(tiles)) for tiles in tiles_per_member]
+        frames = [export.tile(rows, 1)]
+    else:
+        columns = options.columns or min(4, len(tiles_per_member))
+        frames = [export.tile([m[i] for m in tiles_per_member], columns) for i in range(len(picks))]
+    if options.resize:
+        frames = [
+            f.resize((options.resize, max(1, round(f.height * options.resize / f.width))), export.LANCZOS)
+            for f in frames
+        ]
+    if watermark:
+        from pie_cli.imaging.annotate import watermark as burn
+
+        frames = [burn(f) for f in frames]
+    turn = turn if suffix != ".png" else None  # a .png is one sheet: no timing
+    export.write(frames, out_path, replace(options, columns=None), turn, run_id=run_id_of([groups[0][1]]))
+    info(
+        f"export: {len(tiles_per_member)} runs x {len(picks)} frames, {frames[0].width}x{frames[0].height} -> {out_path}"
+    )
     result(str(out_path))
