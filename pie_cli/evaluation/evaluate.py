@@ -17,7 +17,7 @@ from typing import Any
 
 from pie_cli.errors import UserError
 from pie_cli.evaluation.metrics import FrameMetrics
-from pie_cli.runs.manifest import METRICS_CSV, METRICS_JSON, REPORT
+from pie_cli.runs.manifest import METRICS_CSV, METRICS_JSON, REPORT, REPORT_HTML
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def evaluate_run(
     if not os.access(run_dir, os.W_OK):
         raise UserError(f"RUN_DIR {run_dir} is not writable; evaluate writes its metrics and report there.")
     check_not_locked(run_dir, "RUN_DIR")  # a run still writing: its frames are not all there
-    outputs = (run_dir / METRICS_JSON, run_dir / METRICS_CSV, run_dir / REPORT)
+    outputs = (run_dir / METRICS_JSON, run_dir / METRICS_CSV, run_dir / REPORT, run_dir / REPORT_HTML)
     ledger = ledger if ledger is not None else Ledger(run_dir)
     for path in outputs:  # earlier evaluations are replaced, a file of the user's never
         _check_replaceable(path, ledger)
@@ -134,13 +134,18 @@ def evaluate_run(
     writer.writerows(table)
     report = render(frames, metrics, f"{run_dir.name}: {prompt or ''}", label)
     text, spreadsheet = json.dumps(data, indent=2) + "\n", buffer.getvalue()
+    from pie_cli.evaluation.html import run_report
+
+    grey_mask = (mask * 255).astype("uint8") if mask is not None else None
+    page = run_report(run_dir, frames, grey_mask, data)
     written = outputs
-    # All three or none: a full disk must not leave new metrics beside an old report.
+    # All four or none: a full disk must not leave new metrics beside an old report.
     write_together(
         [
             (written[0], lambda tmp: tmp.write_text(text, encoding="utf-8")),
             (written[1], lambda tmp: tmp.write_text(spreadsheet, encoding="utf-8")),
             (written[2], png_writer(report)),
+            (written[3], lambda tmp: tmp.write_text(page, encoding="utf-8")),
         ]
     )
     ledger.record(*written)  # so a later --overwrite of the run (or evaluate) knows them as pie's

@@ -26,7 +26,7 @@ import numpy as np
 
 from pie_cli.errors import UserError
 from pie_cli.runs.frames import case_folders, folder_kind, trajectory_folders
-from pie_cli.runs.manifest import METRICS_CSV, METRICS_JSON, REPORT
+from pie_cli.runs.manifest import METRICS_CSV, METRICS_JSON, REPORT, REPORT_HTML
 
 MEASURES = (
     "change_in_mask",
@@ -110,11 +110,11 @@ def _aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _write(folder: Path, ledger, data: dict, table: list[dict], report) -> tuple[Path, ...]:
+def _write(folder: Path, ledger, data: dict, table: list[dict], report, page: str) -> tuple[Path, ...]:
     from pie_cli.evaluation.evaluate import _check_replaceable
     from pie_cli.imaging.files import png_writer, write_together
 
-    outputs = (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT)
+    outputs = (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT, folder / REPORT_HTML)
     for path in outputs:
         _check_replaceable(path, ledger)
     buffer = io.StringIO()
@@ -128,6 +128,7 @@ def _write(folder: Path, ledger, data: dict, table: list[dict], report) -> tuple
             (outputs[0], lambda tmp: tmp.write_text(text, encoding="utf-8")),
             (outputs[1], lambda tmp: tmp.write_text(spreadsheet, encoding="utf-8")),
             (outputs[2], png_writer(report)),
+            (outputs[3], lambda tmp: tmp.write_text(page, encoding="utf-8")),
         ]
     )
     ledger.record(*outputs)
@@ -157,7 +158,7 @@ def evaluate_trajectories(
 
     _check_folder(folder)
     ledger = Ledger(folder)  # the run's ledger holds its trajectories' files too
-    for path in (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT):
+    for path in (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT, folder / REPORT_HTML):
         from pie_cli.evaluation.evaluate import _check_replaceable
 
         _check_replaceable(path, ledger)  # refused before any trajectory's files are written
@@ -218,7 +219,10 @@ def evaluate_trajectories(
     grid = [run_frames.load(run_frames.collect([p])[0]) for p in subs]
     title = f"{folder.name}: {data['prompt'] or ''} ({len(members)} trajectories)"
     report = render_trajectories(grid, per_step, title, members[0][1].label)
-    written = _write(folder, ledger, data, table, report)
+    from pie_cli.evaluation.html import trajectories_report
+
+    page = trajectories_report(folder, report, data, subs[0] / "progression.gif")
+    written = _write(folder, ledger, data, table, report, page)
     return GroupEvaluation("trajectories", data, written, tuple(members))
 
 
@@ -257,7 +261,7 @@ def evaluate_cohort(
 
     _check_folder(folder)
     ledger = Ledger(folder)
-    for path in (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT):
+    for path in (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT, folder / REPORT_HTML):
         _check_replaceable(path, ledger)
     members, table, curves = [], [], {}
     for case in case_folders(folder):
@@ -323,5 +327,7 @@ def evaluate_cohort(
         "change_in_mask",
     )
     report = render_cohort(curves, f"{folder.name}: {len(evaluated)} cases", curve_of)
-    written = _write(folder, ledger, data, table, report)
+    from pie_cli.evaluation.html import cohort_report
+
+    written = _write(folder, ledger, data, table, report, cohort_report(folder, report, data))
     return GroupEvaluation("cohort", data, written, tuple(members))

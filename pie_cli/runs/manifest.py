@@ -38,12 +38,13 @@ MEAN_FINAL = "mean_final.png"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 REPORT = "report.png"
+REPORT_HTML = "report.html"  # the self-contained report (evaluation.html)
 COHORT_SUMMARY = "cohort_summary.csv"
 RESUME_DIR = ".resume"  # clean (unwatermarked) frames a run continues from
 
 # The files and folders of a run folder: what `pie simulate` writes, and what `pie evaluate` adds.
 RUN_OUTPUTS = (MASK, GIF, MANIFEST, UNCERTAINTY, MEAN_FINAL)
-EVALUATION_OUTPUTS = (METRICS_JSON, METRICS_CSV, REPORT)
+EVALUATION_OUTPUTS = (METRICS_JSON, METRICS_CSV, REPORT, REPORT_HTML)
 _FRAME = re.compile(r"^frame_(\d{3,})\.png$")
 _TRAJECTORY = re.compile(r"^traj_(\d{2,})$")
 
