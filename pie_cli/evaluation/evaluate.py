@@ -40,6 +40,7 @@ def evaluate_run(
     clip: Path | None = None,
     target_label: str | None = None,
     ledger: Any = None,
+    allow_pickle: bool = False,
 ) -> Evaluation:
     """Measure the frames of ``run_dir`` and write the metrics and the report beside them.
 
@@ -66,7 +67,9 @@ def evaluate_run(
     ledger = ledger if ledger is not None else Ledger(run_dir)
     for path in outputs:  # earlier evaluations are replaced, a file of the user's never
         _check_replaceable(path, ledger)
-    classifier_file = Path(classifier) if classifier and classifier != "demo" else None
+    classifier_file = None
+    if classifier and classifier != "demo":
+        classifier_file = Path(classifier.split("@", 1)[-1] if classifier.startswith("xrv:") else classifier)
     refuse_overlap(
         "RUN_DIR", run_dir, [("--classifier", classifier_file)], lambda rel: rel in [p.name for p in outputs]
     )
@@ -91,7 +94,7 @@ def evaluate_run(
         from pie_cli.evaluation.scorers import cached_classifier
         from pie_cli.evaluation.scorers import target_label as pick_label
 
-        scorer = cached_classifier(classifier)
+        scorer = cached_classifier(classifier, allow_pickle)
         label = pick_label(scorer.labels, prompt, target_label)
         scores = scorer.predict(frames)
         probs = scores[:, scorer.labels.index(label)]

@@ -66,17 +66,21 @@ class GroupEvaluation:
 
 
 def evaluate_path(
-    folder: Path, classifier: str | None = None, clip: Path | None = None, target_label: str | None = None
+    folder: Path,
+    classifier: str | None = None,
+    clip: Path | None = None,
+    target_label: str | None = None,
+    allow_pickle: bool = False,
 ) -> Any:
     """Evaluate a run, a trajectory run or a cohort folder (an ``Evaluation`` or a ``GroupEvaluation``)."""
     from pie_cli.evaluation.evaluate import evaluate_run
 
     kind = folder_kind(folder)
     if kind == "trajectories":
-        return evaluate_trajectories(Path(folder), classifier, clip, target_label)
+        return evaluate_trajectories(Path(folder), classifier, clip, target_label, allow_pickle)
     if kind == "cohort":
-        return evaluate_cohort(Path(folder), classifier, clip, target_label)
-    return evaluate_run(folder, classifier, clip, target_label)
+        return evaluate_cohort(Path(folder), classifier, clip, target_label, allow_pickle)
+    return evaluate_run(folder, classifier, clip, target_label, allow_pickle=allow_pickle)
 
 
 def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -146,7 +150,11 @@ def _check_folder(folder: Path) -> None:
 
 
 def evaluate_trajectories(
-    folder: Path, classifier: str | None, clip: Path | None, target_label: str | None
+    folder: Path,
+    classifier: str | None,
+    clip: Path | None,
+    target_label: str | None,
+    allow_pickle: bool = False,
 ) -> GroupEvaluation:
     """Each ``traj_KK/`` evaluated, then the run's aggregate in its top folder."""
     from pie_cli.evaluation.evaluate import evaluate_run
@@ -163,7 +171,10 @@ def evaluate_trajectories(
 
         _check_replaceable(path, ledger)  # refused before any trajectory's files are written
     subs = trajectory_folders(folder)
-    members = [(p.name, evaluate_run(p, classifier, clip, target_label, ledger=ledger)) for p in subs]
+    members = [
+        (p.name, evaluate_run(p, classifier, clip, target_label, ledger=ledger, allow_pickle=allow_pickle))
+        for p in subs
+    ]
     lengths = {len(e.metrics) for _, e in members}
     if len(lengths) != 1:
         raise UserError(
@@ -251,7 +262,11 @@ def _case_row(name: str, evaluation: Any) -> dict[str, Any]:
 
 
 def evaluate_cohort(
-    folder: Path, classifier: str | None, clip: Path | None, target_label: str | None
+    folder: Path,
+    classifier: str | None,
+    clip: Path | None,
+    target_label: str | None,
+    allow_pickle: bool = False,
 ) -> GroupEvaluation:
     """Every finished case evaluated; one row per case and the mean and sd over cases at the top."""
     from pie_cli.evaluation.evaluate import _check_replaceable, evaluate_run
@@ -270,7 +285,7 @@ def evaluate_cohort(
             table.append({"case": case.name, "status": f"not evaluated ({status})"})
             continue
         if folder_kind(case) == "trajectories":
-            evaluation: Any = evaluate_trajectories(case, classifier, clip, target_label)
+            evaluation: Any = evaluate_trajectories(case, classifier, clip, target_label, allow_pickle)
             curve = next(
                 (
                     evaluation.data["per_step"][m]["mean"]
@@ -280,7 +295,7 @@ def evaluate_cohort(
                 None,
             )
         else:
-            evaluation = evaluate_run(case, classifier, clip, target_label)
+            evaluation = evaluate_run(case, classifier, clip, target_label, allow_pickle=allow_pickle)
             from pie_cli.evaluation.metrics import progression_curve
 
             found = progression_curve(evaluation.metrics)

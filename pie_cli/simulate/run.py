@@ -23,9 +23,12 @@ from pie_cli.errors import Interrupted, UserError
 from pie_cli.reporting import SILENT, Reporter
 from pie_cli.simulate.spec import SimulateSpec, build_config, pace_plan, recorded_parameters
 
-# (classifier reference, target label or None, prompt) -> (frames -> one score each, a record of what
+# (classifier reference, target label or None, prompt, allow pickle) -> (frames -> one score each, a record of what
 # is scored). Injected by the CLI (pie_cli.evaluation.scorers.pace_scorer): simulate loads no classifier.
-ScoreLoader = Callable[[str, "str | None", str], tuple[Callable[[list[Image.Image]], Any], dict[str, Any]]]
+# (The fourth argument is --allow-pickle: a classifier stored as a pickle loads only with it.)
+ScoreLoader = Callable[
+    [str, "str | None", str, bool], tuple[Callable[[list[Image.Image]], Any], dict[str, Any]]
+]
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def make_pace(spec: SimulateSpec, score_loader: ScoreLoader | None) -> tuple[Any
     plan = pace_plan(spec)
     if score_loader is None:
         raise UserError("--pace needs a classifier loader; pie's command line passes one.")
-    score, described = score_loader(str(spec.classifier), spec.target, spec.prompt or "")
+    score, described = score_loader(str(spec.classifier), spec.target, spec.prompt or "", spec.allow_pickle)
     record = {
         **described,
         "curve": spec.pace,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from pie_cli.cli.console import info, out, result
-from pie_cli.cli.options import DebugOpt, JsonOpt
+from pie_cli.cli.options import AllowPickleOpt, DebugOpt, JsonOpt
 
 
 def evaluate(
@@ -25,9 +25,10 @@ def evaluate(
         str | None,
         typer.Option(
             "--classifier",
-            metavar="demo|PATH",
+            metavar="demo|xrv:NAME@WEIGHTS|PATH",
             show_default=False,
-            help="Finding classifier: 'demo', a Hugging Face image-classification folder or a TorchScript file.",
+            help="Finding classifier: 'demo', a torchxrayvision model with its downloaded weights "
+            "(needs --allow-pickle), a Hugging Face image-classification folder, or a TorchScript / .pt2 file.",
         ),
     ] = None,
     clip: Annotated[
@@ -47,6 +48,7 @@ def evaluate(
             help="Classifier label to follow (default: from the prompt).",
         ),
     ] = None,
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -65,7 +67,7 @@ def evaluate(
     """
     from pie_cli.evaluation.groups import evaluate_path
 
-    done = evaluate_path(run_dir, classifier, clip, target_label)
+    done = evaluate_path(run_dir, classifier, clip, target_label, allow_pickle)
     if getattr(done, "kind", None) in ("trajectories", "cohort"):
         _group(done, as_json)
         return

@@ -169,8 +169,8 @@ def simulate(
             metavar="REF",
             show_default=False,
             rich_help_panel="Closed-loop pace",
-            help="What --pace follows: 'demo', a Hugging Face image-classification folder, or a "
-            "TorchScript / .pt2 file (as for `pie evaluate`).",
+            help="What --pace follows: 'demo', xrv:NAME@WEIGHTS (torchxrayvision, with --allow-pickle), "
+            "a Hugging Face image-classification folder, or a TorchScript / .pt2 file (as for `pie evaluate`).",
         ),
     ] = None,
     target: Annotated[
