@@ -125,7 +125,7 @@ def _torchscript(path: Path) -> Classifier:
     if path.suffix == ".pt2":
         try:
             model = torch.export.load(str(path)).module()
-        except Exception as exc:  # noqa: BLE001 - whatever a broken file makes torch raise, say so
+        except Exception as exc:
             raise UserError(
                 f"--classifier {path} is not a torch.export program ({str(exc).splitlines()[0]})."
             ) from None

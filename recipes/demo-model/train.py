@@ -10,8 +10,8 @@ Stages (each cached under --work, so a rerun continues where it stopped; --force
    sampling the posterior (what pie does) returns the mean;
 3. UNet + text encoder, jointly, on cached latents: DDPM epsilon loss, 10 % empty prompts for
    classifier-free guidance, an EMA of the weights is what is saved;
-3b. severity: more of the same on fresh phantoms that are 90 % effusions, at a lower rate, so the
-   model learns "small", "moderate" and "large" apart, not only "effusion";
+3b. severity: two rounds of more of the same on fresh phantoms that are 90 % effusions, at a lower
+   rate (halved in round 2), so the model learns "small", "moderate" and "large" apart;
 4. classifier: a tiny CNN for effusion left/right and cardiomegaly on fresh phantoms (half of
    them through the VAE, so it knows the look of decoded frames);
 5. assembly: diffusers layout with SD 1.x's PNDM scheduler config, a README with the command,
@@ -20,7 +20,7 @@ Stages (each cached under --work, so a rerun continues where it stopped; --force
    by the classifier (target: >= 80 % exact grade), into the README's metrics.
 
 --start-from pie_cli/demo/model takes stages 2-3 (and the classifier) from a model built before,
-so only 3b and the probe run (about 45 minutes on 2 cores).
+so only 3b and the probe run (about 50 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -302,29 +302,47 @@ def fit(
     }
 
 
-def train_severity(work: Path, vae, tokenizer, text_encoder, unet, n: int, steps: int, batch: int) -> dict:
+def train_severity(
+    work: Path, vae, tokenizer, text_encoder, unet, n: int, steps: int, batch: int, rounds: int = 2
+) -> dict:
     """Stage 3b: go on training on phantoms that are mostly effusions, evenly graded, at a lower rate.
 
     After stage 3 alone the model draws an effusion but not its grade ("small", "moderate" and
-    "large" give the same picture); this stage is what teaches the severity words.
+    "large" give the same picture); this stage is what teaches the severity words. Each round
+    draws fresh phantoms and halves the rate; each is cached on its own.
     """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    out = work / "severity_stage"
-    if (out / "unet" / "config.json").exists():
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(out / "unet").state_dict())
-        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(out / "text_encoder").state_dict())
-        return json.loads((work / "severity_metrics.json").read_text())
-    data = make_phantoms(work, n, ("effusion",), 500_000, "severity_phantoms", healthy=0.1)
-    torch.manual_seed(4)
-    metrics = fit(unet, text_encoder, tokenizer, vae, data, steps, batch, lr=2e-4, seed=5, name="severity")
-    metrics["severity_phantoms"] = n
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    (work / "severity_metrics.json").write_text(json.dumps(metrics))
-    log(f"severity stage done: {metrics}")
-    return metrics
+    total: dict = {"severity_rounds": rounds, "severity_steps": 0, "severity_minutes": 0.0}
+    for r in range(1, rounds + 1):
+        suffix = "" if r == 1 else f"_{r}"
+        out = work / f"severity_stage{suffix}"
+        record = work / f"severity_metrics{suffix}.json"
+        if (out / "unet" / "config.json").exists():
+            unet.load_state_dict(UNet2DConditionModel.from_pretrained(out / "unet").state_dict())
+            text_encoder.load_state_dict(CLIPTextModel.from_pretrained(out / "text_encoder").state_dict())
+            metrics = json.loads(record.read_text())
+        else:
+            data = make_phantoms(
+                work, n, ("effusion",), 400_000 + 100_000 * r, f"severity_phantoms{suffix}", healthy=0.1
+            )
+            torch.manual_seed(3 + r)
+            lr = 2e-4 / 2 ** (r - 1)
+            metrics = fit(
+                unet, text_encoder, tokenizer, vae, data, steps, batch, lr=lr, seed=4 + r, name="severity"
+            )
+            metrics["severity_phantoms"] = n
+            unet.save_pretrained(out / "unet", safe_serialization=True)
+            text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+            record.write_text(json.dumps(metrics))
+            log(f"severity round {r} done: {metrics}")
+        total["severity_steps"] += metrics["severity_steps"]
+        total["severity_minutes"] = round(total["severity_minutes"] + metrics["severity_minutes"], 1)
+        total["severity_batch"] = metrics["severity_batch"]
+        total[f"severity_round_{r}_final_loss"] = metrics["severity_final_loss"]
+        total["severity_phantoms"] = n
+    return total
 
 
 def probe_severity(vae, tokenizer, text_encoder, unet, classifier: Path, seeds: int = 12) -> dict:
@@ -523,7 +541,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--vae-steps", type=int, default=900)
     parser.add_argument("--unet-steps", type=int, default=2100)
-    parser.add_argument("--severity-steps", type=int, default=3500)
+    parser.add_argument("--severity-steps", type=int, default=2000, help="steps per severity round")
+    parser.add_argument("--severity-rounds", type=int, default=2)
     parser.add_argument("--severity-n", type=int, default=2000)
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument(
@@ -550,7 +569,15 @@ def main() -> None:
     vae, vae_metrics = train_vae(args.work, data["images"], args.vae_steps, 32)
     tokenizer, text_encoder, unet, unet_metrics = train_unet(args.work, vae, data, args.unet_steps, 64)
     severity_metrics = train_severity(
-        args.work, vae, tokenizer, text_encoder, unet, args.severity_n, args.severity_steps, 64
+        args.work,
+        vae,
+        tokenizer,
+        text_encoder,
+        unet,
+        args.severity_n,
+        args.severity_steps,
+        64,
+        args.severity_rounds,
     )
     classifier_metrics = train_classifier(
         args.work, vae, 3000 if not args.quick else 200, args.classifier_steps, args.classifier_out
