@@ -62,6 +62,8 @@ def settings(quick: bool) -> list[tuple[str, dict]]:
         ("b2 ramp 0.1:0.9", {"beta2_ramp": (0.1, 0.9)}),
         ("mask growth rise", {"mask_growth": "rise"}),
         ("rise + b2 ramp 0.1:0.9", {"mask_growth": "rise", "beta2_ramp": (0.1, 0.9)}),
+        ("worded schedule small/moderate/large", {"worded": True}),
+        ("worded schedule + b2 ramp 0.1:0.9", {"worded": True, "beta2_ramp": (0.1, 0.9)}),
         ("closed loop --pace linear", {"pace": "linear"}),
     ]
 
@@ -71,8 +73,11 @@ def config_for(overrides: dict, steps: int, inference_steps: int) -> PieConfig:
     config = PieConfig(
         prompt=f"{word} {SIDE} pleural effusion", steps=steps, inference_steps=inference_steps, resolution=64
     )
-    values = {k: v for k, v in overrides.items() if k not in ("word", "beta2_ramp", "pace")}
+    values = {k: v for k, v in overrides.items() if k not in ("word", "beta2_ramp", "pace", "worded")}
     config = replace(config, **values)
+    if overrides.get("worded"):  # the first third "small", the next "moderate", the rest "large"
+        words = [("small", "moderate", "large")[min(2, 3 * n // steps)] for n in range(steps)]
+        config = replace(config, prompt_schedule=tuple(f"{w} {SIDE} pleural effusion" for w in words))
     if "beta2_ramp" in overrides:
         lo, hi = overrides["beta2_ramp"]
         ramp = tuple(round(lo + (hi - lo) * n / max(1, steps - 1), 10) for n in range(steps))

@@ -54,13 +54,14 @@ def evaluate(
 ) -> None:
     """Per frame: change inside the mask, PSNR/SSIM outside it, step change, classifier confidence, CLIP-I.
 
-    Writes metrics.json, metrics.csv and report.png into RUN_DIR (replacing earlier ones). For a
+    Writes metrics.json, metrics.csv, report.png and report.html into RUN_DIR (replacing earlier ones). For a
     --trajectories run, each traj_KK/ is evaluated and RUN_DIR gets per-trajectory rows, mean +- sd
     per step and a K x N grid with per-step uncertainty; for a --cohort folder, each finished case
     is evaluated and RUN_DIR gets one row per case and the mean +- sd over cases.
 
     Examples:
 
+    \b
       pie evaluate runs/chest --classifier demo
       pie evaluate runs/chest-k8 --classifier demo      # traj_00 .. traj_07 and their spread
       pie evaluate runs/cohort --classifier demo --json

@@ -219,7 +219,18 @@ def simulate(
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Simulate disease progression: frames in which the finding of PROMPT appears and grows inside MASK."""
+    """Simulate disease progression: frames in which the finding of PROMPT appears and grows inside MASK.
+
+    Examples:
+
+    \b
+      pie simulate cxr.png --mask lung.png -p "large left pleural effusion" --out runs/cxr
+      pie simulate cxr.png --mask lung.png -p "large left pleural effusion" --beta2-schedule 0.1:0.9
+      pie simulate cxr.png --mask lung.png -p "large left pleural effusion" --pace linear --classifier demo
+      pie simulate cxr.png --mask lung.png -p "..." -k 8 --out runs/k8     # 8 trajectories, batched
+      pie simulate --cohort cases.csv --out runs/cohort                    # one run per row
+      pie simulate --resume --out runs/cxr                                 # go on after an interruption
+    """
     from pie_cli.cli.console import info, result, ui
     from pie_cli.cli.display import ProgressDisplay
     from pie_cli.core.parameters import PieConfig
