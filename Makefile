@@ -33,11 +33,12 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/pie demo case --out $(DEMO) --overwrite
 	$(BIN)/pie simulate $(DEMO)/chest.png --mask $(DEMO)/left-lung.png --model demo \
-		--prompt "large left pleural effusion" --steps 10 --resolution 64 --out runs/demo --overwrite
+		--prompt "large left pleural effusion" --steps 10 --resolution 64 --out runs/demo --overwrite \
+		--pace linear --classifier demo
 	$(BIN)/pie export-gif runs/demo --out runs/demo/side-by-side.gif --side-by-side --diff --mask-outline \
 		--caption "step {i}/{n}" --resize 576 --overwrite
 	$(BIN)/pie evaluate runs/demo --classifier demo
-	@echo "GIF: runs/demo/side-by-side.gif (and progression.gif); report: runs/demo/report.png"
+	@echo "GIF: runs/demo/side-by-side.gif (and progression.gif); report: runs/demo/report.html (and report.png)"
 
 # Retrain the built-in demo model and classifier (about an hour on 2 CPU cores; see its README).
 demo-model: $(STAMP)

@@ -120,6 +120,7 @@ class Pace:
     targets: tuple[float, ...] = ()
     end: float = 1.0
     decode_batch: int = 4  # candidate frames decoded at once (memory at large resolutions)
+    refine: int = 8  # extra blends tried between the two candidates whose scores straddle the target
 
     def check(self, steps: int) -> None:
         if not self.candidates:
@@ -386,24 +387,59 @@ def _paced_frames(
     """
     _require_finite(z_t, n, "latents")
     frames, choices = [], []
+    step = max(1, pace.decode_batch)
     for k in range(z_t.shape[0]):
         z_k, init_k = z_t[k : k + 1], prep.z_init[k : k + 1]
-        candidates: list[Image.Image] = []
-        for start in range(0, len(pace.candidates), max(1, pace.decode_batch)):
-            chunk = pace.candidates[start : start + max(1, pace.decode_batch)]
-            z_out = torch.cat(
-                [init_k + (z_k - init_k) * (config.beta1 * (1 - mask) + c * mask) for c in chunk]
-            )
-            candidates += decode_latents(components, z_out, step=n)
-        scores = [float(s) for s in pace.score([*candidates, x_prev[k]])]
-        weights: list[float | None] = [*pace.candidates, None]  # None: the previous frame, held
-        held = len(candidates)
+
+        def blends(weights: tuple[float, ...], z_k=z_k, init_k=init_k) -> list[Image.Image]:
+            out: list[Image.Image] = []
+            for start in range(0, len(weights), step):
+                chunk = weights[start : start + step]
+                z_out = torch.cat(
+                    [init_k + (z_k - init_k) * (config.beta1 * (1 - mask) + c * mask) for c in chunk]
+                )
+                out += decode_latents(components, z_out, step=n)
+            return out
+
+        weights = list(pace.candidates)
+        images = blends(pace.candidates)
+        scores = [float(s) for s in pace.score([*images, x_prev[k]])]
+        held_score = scores.pop()
+        if pace.refine > 0:
+            # The score may jump between neighbouring candidates: look closer where it crosses the target.
+            order = sorted(range(len(weights)), key=lambda i: weights[i])
+            brackets = [
+                (weights[a], weights[b])
+                for a, b in zip(order, order[1:], strict=False)
+                if (scores[a] - target) * (scores[b] - target) < 0
+            ]
+            if brackets:
+                nearest = min(range(len(weights)), key=lambda i: abs(scores[i] - target))
+                lo, hi = next((ab for ab in brackets if weights[nearest] in ab), brackets[0])
+                finer = tuple(
+                    round(lo + (hi - lo) * j / (pace.refine + 1), 6) for j in range(1, pace.refine + 1)
+                )
+                more = blends(finer)
+                weights += list(finer)
+                images += more
+                scores += [float(s) for s in pace.score(more)]
+        pool = len(images)
         best = min(
-            range(len(scores)),
-            key=lambda i: (abs(scores[i] - target), i == held, weights[i] if i < held else 0.0),
+            range(pool + 1),
+            key=lambda i: (
+                abs((scores[i] if i < pool else held_score) - target),
+                i == pool,
+                weights[i] if i < pool else 0.0,
+            ),
         )
-        frames.append(candidates[best] if best < len(candidates) else x_prev[k])
-        choices.append({"beta2": weights[best], "score": round(scores[best], 6), "target": round(target, 6)})
+        if best < pool:
+            frames.append(images[best])
+            choices.append(
+                {"beta2": weights[best], "score": round(scores[best], 6), "target": round(target, 6)}
+            )
+        else:  # the previous frame, held
+            frames.append(x_prev[k])
+            choices.append({"beta2": None, "score": round(held_score, 6), "target": round(target, 6)})
     return frames, choices
 
 

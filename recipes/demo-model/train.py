@@ -499,6 +499,14 @@ def train_classifier(work: Path, vae, n: int, steps: int, out: Path) -> dict:
 # --------------------------------------------------------------------------- 5. assembly
 
 
+def _drop_call_state(path: Path) -> None:
+    """A fast tokenizer saves the padding and truncation of its last call; the model ships without them."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["truncation"] = data["padding"] = None
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def assemble(out: Path, work: Path, vae, tokenizer, text_encoder, unet, metrics: dict, command: str) -> None:
     if out.exists():
         shutil.rmtree(out)
@@ -507,6 +515,7 @@ def assemble(out: Path, work: Path, vae, tokenizer, text_encoder, unet, metrics:
     unet.save_pretrained(out / "unet", safe_serialization=True)
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(out / "tokenizer")
+    _drop_call_state(out / "tokenizer" / "tokenizer.json")
     write_pipeline_files(out)
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     metrics["size_mb"] = round(size_mb, 1)

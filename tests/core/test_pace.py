@@ -57,7 +57,11 @@ def test_each_step_keeps_the_candidate_nearest_its_target(components, phantom):
     target = scores[order[1]] + 0.1 * (scores[order[2]] - scores[order[1]])
     assert abs(target - x0_score) > abs(target - scores[order[1]])
     paced = frames_of(
-        components, image, left, steps=1, pace=Pace(brightness, candidates, (target,), decode_batch=1)
+        components,
+        image,
+        left,
+        steps=1,
+        pace=Pace(brightness, candidates, (target,), decode_batch=1, refine=0),
     )
     best = int(order[1])
     assert same(paced[1].image, per_candidate[best])
@@ -66,6 +70,29 @@ def test_each_step_keeps_the_candidate_nearest_its_target(components, phantom):
         "score": round(scores[best], 6),
         "target": round(target, 6),
     }
+
+
+def test_refinement_looks_between_the_candidates_that_straddle_the_target(components, phantom):
+    """The target lies between two candidates' scores: a finer b2 between them is tried and kept,
+    and the kept frame is exactly the unpaced frame of that b2."""
+    image, _, left = phantom
+    blends = [frames_of(components, image, left, steps=1, beta2=c)[1].image for c in (0.0, 0.5, 1.0)]
+    base = pixels(blends[0])
+
+    def change(images):  # how far each frame is from the b2 = 0 blend: grows with b2 (the blend is linear)
+        return [float(np.abs(pixels(img) - base).mean() / 255) for img in images]
+
+    scores = change(blends)
+    assert scores[0] < scores[1] < scores[2]
+    target = (scores[0] + scores[1]) / 2
+    coarse = Pace(change, (0.0, 0.5, 1.0), (target,), decode_batch=1, refine=0)
+    fine = Pace(change, (0.0, 0.5, 1.0), (target,), decode_batch=1, refine=7)
+    a = frames_of(components, image, left, steps=1, pace=coarse)[1]
+    b = frames_of(components, image, left, steps=1, pace=fine)[1]
+    assert abs(b.pace["score"] - target) < abs(a.pace["score"] - target)
+    assert b.pace["beta2"] in [round(0.5 * j / 8, 6) for j in range(1, 8)]
+    plain = frames_of(components, image, left, steps=1, beta2=b.pace["beta2"])[1]
+    assert same(b.image, plain.image)
 
 
 def test_the_previous_frame_is_held_when_no_blend_comes_nearer(components, phantom):

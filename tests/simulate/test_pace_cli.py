@@ -40,7 +40,7 @@ def test_a_paced_run_records_its_curve_and_each_frames_choice(cli, tiny_model, i
     targets = [scores[0] + (1 - scores[0]) * n / 3 for n in (1, 2, 3)]
     for n, entry in enumerate(frames[1:], start=1):
         choice = entry["pace"]
-        assert choice["beta2"] in (0.0, 0.5, 1.0, None)
+        assert choice["beta2"] is None or 0.0 <= choice["beta2"] <= 1.0
         # The recorded score is the demo classifier's score of the frame as saved.
         assert choice["score"] == pytest.approx(scores[n], abs=1e-4)
         assert choice["target"] == pytest.approx(targets[n - 1], abs=1e-4)
