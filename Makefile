@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(BIN)/pie evaluate runs/demo --classifier demo
 	@echo "GIF: runs/demo/side-by-side.gif (and progression.gif); report: runs/demo/report.html (and report.png)"
 
-# Retrain the built-in demo model and classifier (about an hour on 2 CPU cores; see its README).
+# Retrain the built-in demo model and classifier (about two hours on 2 CPU cores; see its README).
 demo-model: $(STAMP)
 	$(BIN)/python recipes/demo-model/train.py
 

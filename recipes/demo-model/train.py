@@ -1,4 +1,4 @@
-"""Train pie's built-in demo model and phantom classifier from scratch, on CPU, in about an hour.
+"""Train pie's built-in demo model and phantom classifier from scratch, on CPU, in about two hours.
 
     python recipes/demo-model/train.py            # or: make demo-model
     python recipes/demo-model/train.py --quick    # a few minutes, for checking the script itself
