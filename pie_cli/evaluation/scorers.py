@@ -217,7 +217,7 @@ def _xrv(spec: str, allow_pickle: bool) -> Classifier:
         os.environ["HOME"] = str(home)
         try:
             model = factory(weights=name, **extra)
-        except (OSError, ConnectionError) as exc:
+        except Exception as exc:  # xrv raises bare Exceptions for files it cannot use
             raise UserError(
                 f"--classifier {spec}: torchxrayvision could not read {weights} as {name}'s weights "
                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})."
@@ -242,7 +242,9 @@ def _xrv(spec: str, allow_pickle: bool) -> Classifier:
             side = min(x.shape[1:])
             top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
             x = torch.from_numpy(np.ascontiguousarray(x[:, top : top + side, left : left + side]))
-            x = torch.nn.functional.interpolate(x[None], size=(224, 224), mode="area")[0]
+            x = torch.nn.functional.interpolate(
+                x[None], size=(224, 224), mode="bilinear", antialias=True, align_corners=False
+            )[0]  # as xrv.datasets.XRayResizer (skimage, order 1, anti-aliased)
             batch.append(x)
         return model(torch.stack(batch)).numpy()  # xrv's calibrated outputs, used as they are
 
