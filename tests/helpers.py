@@ -102,6 +102,25 @@ def simulate_argv(
     return [*argv, *extra]
 
 
+def phantom_run(base: Path, model, phantom, *extra, steps: int = 2, name: str = "run") -> Path:
+    """A finished `pie simulate` run (in-process) of the phantom chest with its left-lung mask:
+    ``base/chest.png``, ``base/left-lung.png`` and the run in ``base/name``; ``extra`` options last."""
+    from typer.testing import CliRunner
+
+    from pie_cli.cli.app import app
+
+    image, _, left = phantom
+    image.save(base / "chest.png")
+    left.save(base / "left-lung.png")
+    out = base / name
+    argv = simulate_argv(
+        base / "chest.png", out, *extra, model=model, mask=base / "left-lung.png", steps=steps
+    )
+    result = CliRunner().invoke(app, [str(a) for a in argv])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def finetune_argv(
     data: Path | None,
     model,

@@ -31,10 +31,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from typer.testing import CliRunner
 
-from pie_cli.cli.app import app
-from tests.helpers import colour_folder, finetune_argv, manifest, simulate_argv
+from tests.helpers import colour_folder, finetune_argv, manifest, phantom_run, simulate_argv
 from tests.refusals import assert_unchanged, check_ok, check_refused, snapshot
 
 BOX = "0.1,0.1,0.6,0.6"
@@ -77,15 +75,7 @@ class World:
 @pytest.fixture(scope="module")
 def run_template(tmp_path_factory, tiny_model, phantom) -> Path:
     """A finished 2-step `pie simulate` run with a mask (built once per module)."""
-    base = tmp_path_factory.mktemp("user-data-run")
-    image, _, left = phantom
-    image.save(base / "chest.png")
-    left.save(base / "left-lung.png")
-    out = base / "run"
-    argv = simulate_argv(base / "chest.png", out, model=tiny_model, mask=base / "left-lung.png", steps=2)
-    result = CliRunner().invoke(app, [str(a) for a in argv])
-    assert result.exit_code == 0, result.output
-    return out
+    return phantom_run(tmp_path_factory.mktemp("user-data-run"), tiny_model, phantom)
 
 
 @pytest.fixture

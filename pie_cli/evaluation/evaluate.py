@@ -17,7 +17,7 @@ from typing import Any
 
 from pie_cli.errors import UserError
 from pie_cli.evaluation.metrics import FrameMetrics
-from pie_cli.runs.manifest import METRICS_CSV, METRICS_JSON, REPORT, REPORT_HTML
+from pie_cli.runs.manifest import EVALUATION_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def evaluate_run(
     if not os.access(run_dir, os.W_OK):
         raise UserError(f"RUN_DIR {run_dir} is not writable; evaluate writes its metrics and report there.")
     check_not_locked(run_dir, "RUN_DIR")  # a run still writing: its frames are not all there
-    outputs = (run_dir / METRICS_JSON, run_dir / METRICS_CSV, run_dir / REPORT, run_dir / REPORT_HTML)
+    outputs = tuple(run_dir / name for name in EVALUATION_OUTPUTS)  # json, csv, png, html
     ledger = ledger if ledger is not None else Ledger(run_dir)
     for path in outputs:  # earlier evaluations are replaced, a file of the user's never
         _check_replaceable(path, ledger)

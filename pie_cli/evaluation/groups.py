@@ -26,7 +26,7 @@ import numpy as np
 
 from pie_cli.errors import UserError
 from pie_cli.runs.frames import case_folders, folder_kind, trajectory_folders
-from pie_cli.runs.manifest import METRICS_CSV, METRICS_JSON, REPORT, REPORT_HTML
+from pie_cli.runs.manifest import EVALUATION_OUTPUTS
 
 MEASURES = (
     "change_in_mask",
@@ -114,13 +114,10 @@ def _aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _write(folder: Path, ledger, data: dict, table: list[dict], report, page: str) -> tuple[Path, ...]:
-    from pie_cli.evaluation.evaluate import _check_replaceable
+def _write(ledger, outputs: tuple[Path, ...], data: dict, table: list[dict], report, page: str) -> None:
+    """metrics.json, metrics.csv, report.png and report.html, all or none, recorded as pie's."""
     from pie_cli.imaging.files import png_writer, write_together
 
-    outputs = (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT, folder / REPORT_HTML)
-    for path in outputs:
-        _check_replaceable(path, ledger)
     buffer = io.StringIO()
     fields = list(dict.fromkeys(k for row in table for k in row))
     writer = csv.DictWriter(buffer, fieldnames=fields)
@@ -136,17 +133,25 @@ def _write(folder: Path, ledger, data: dict, table: list[dict], report, page: st
         ]
     )
     ledger.record(*outputs)
-    return outputs
 
 
-def _check_folder(folder: Path) -> None:
+def _claim(folder: Path) -> tuple[Any, tuple[Path, ...]]:
+    """(the folder's ledger, its evaluation outputs), refused before anything is evaluated or written
+    when the folder is not writable, is still being written, or holds an output pie did not write."""
     import os
 
+    from pie_cli.evaluation.evaluate import _check_replaceable
+    from pie_cli.imaging.ownership import Ledger
     from pie_cli.runs.locks import check_not_locked
 
     if not os.access(folder, os.W_OK):
         raise UserError(f"RUN_DIR {folder} is not writable; evaluate writes its metrics and report there.")
     check_not_locked(folder, "RUN_DIR")
+    ledger = Ledger(folder)  # a trajectory run's ledger holds its trajectories' files too
+    outputs = tuple(folder / name for name in EVALUATION_OUTPUTS)
+    for path in outputs:
+        _check_replaceable(path, ledger)
+    return ledger, outputs
 
 
 def evaluate_trajectories(
@@ -160,16 +165,10 @@ def evaluate_trajectories(
     from pie_cli.evaluation.evaluate import evaluate_run
     from pie_cli.evaluation.pace import describe, pace
     from pie_cli.evaluation.report import render_trajectories
-    from pie_cli.imaging.ownership import Ledger
     from pie_cli.runs import frames as run_frames
     from pie_cli.runs.manifest import prompt_of
 
-    _check_folder(folder)
-    ledger = Ledger(folder)  # the run's ledger holds its trajectories' files too
-    for path in (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT, folder / REPORT_HTML):
-        from pie_cli.evaluation.evaluate import _check_replaceable
-
-        _check_replaceable(path, ledger)  # refused before any trajectory's files are written
+    ledger, outputs = _claim(folder)  # before any trajectory's files are written
     subs = trajectory_folders(folder)
     members = [
         (p.name, evaluate_run(p, classifier, clip, target_label, ledger=ledger, allow_pickle=allow_pickle))
@@ -233,8 +232,8 @@ def evaluate_trajectories(
     from pie_cli.evaluation.html import trajectories_report
 
     page = trajectories_report(folder, report, data, subs[0] / "progression.gif")
-    written = _write(folder, ledger, data, table, report, page)
-    return GroupEvaluation("trajectories", data, written, tuple(members))
+    _write(ledger, outputs, data, table, report, page)
+    return GroupEvaluation("trajectories", data, outputs, tuple(members))
 
 
 def _case_row(name: str, evaluation: Any) -> dict[str, Any]:
@@ -269,15 +268,11 @@ def evaluate_cohort(
     allow_pickle: bool = False,
 ) -> GroupEvaluation:
     """Every finished case evaluated; one row per case and the mean and sd over cases at the top."""
-    from pie_cli.evaluation.evaluate import _check_replaceable, evaluate_run
+    from pie_cli.evaluation.evaluate import evaluate_run
     from pie_cli.evaluation.report import render_cohort
-    from pie_cli.imaging.ownership import Ledger
     from pie_cli.runs.manifest import status_of
 
-    _check_folder(folder)
-    ledger = Ledger(folder)
-    for path in (folder / METRICS_JSON, folder / METRICS_CSV, folder / REPORT, folder / REPORT_HTML):
-        _check_replaceable(path, ledger)
+    ledger, outputs = _claim(folder)
     members, table, curves = [], [], {}
     for case in case_folders(folder):
         status = status_of(case) if (case / "manifest.json").is_file() else "complete"
@@ -344,5 +339,5 @@ def evaluate_cohort(
     report = render_cohort(curves, f"{folder.name}: {len(evaluated)} cases", curve_of)
     from pie_cli.evaluation.html import cohort_report
 
-    written = _write(folder, ledger, data, table, report, cohort_report(folder, report, data))
-    return GroupEvaluation("cohort", data, written, tuple(members))
+    _write(ledger, outputs, data, table, report, cohort_report(folder, report, data))
+    return GroupEvaluation("cohort", data, outputs, tuple(members))

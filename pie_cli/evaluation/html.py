@@ -65,11 +65,8 @@ def has_matplotlib() -> bool:
 def _svg_chart(
     title: str, ylabel: str, series: list[tuple[str, list, list | None]], bounds, scale: float
 ) -> str:
-    """One chart as inline SVG (matplotlib, Agg-free SVG backend): lines with optional +- sd bands."""
-    import matplotlib
-
-    matplotlib.use("svg", force=False)
-    from matplotlib.figure import Figure
+    """One chart as inline SVG (matplotlib): lines with optional +- sd bands."""
+    from matplotlib.figure import Figure  # no pyplot: the process's backend is left alone
 
     fig = Figure(figsize=(5.2, 3.0))
     ax = fig.add_subplot()
@@ -99,12 +96,12 @@ def _svg_chart(
 def _png_chart(
     title: str, ylabel: str, series: list[tuple[str, list, list | None]], bounds, scale: float
 ) -> str:
-    from pie_cli.evaluation.report import COLOURS, _band_chart
+    from pie_cli.evaluation.report import COLOURS, _chart
 
     name, mean, sd = series[0]
     shown = [None if v is None else v * scale for v in mean]
-    spread = [None if v is None else v * scale for v in sd] if sd is not None else [0.0] * len(mean)
-    chart = _band_chart(f"{title}", shown, spread, COLOURS[0], ylabel.split(" (")[0][:10], bounds)
+    spread = [None if v is None else v * scale for v in sd] if sd is not None else None
+    chart = _chart(title, shown, COLOURS[0], spread, ylabel.split(" (")[0][:10], bounds)
     return f'<img src="{_png_uri(chart)}" alt="{html.escape(title)}: {html.escape(ylabel)}">'
 
 

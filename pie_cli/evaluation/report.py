@@ -21,38 +21,6 @@ def _font(size: int = 12):
         return ImageFont.load_default()
 
 
-def _chart(title: str, ys: list[float | None], colour: tuple[int, int, int]) -> Image.Image:
-    img = Image.new("RGB", (PANEL_W, PANEL_H), "white")
-    draw = ImageDraw.Draw(img)
-    font = _font(12)
-    draw.text((8, 4), title, fill="black", font=font)
-    left, right, top, bottom = 44, PANEL_W - 10, 24, PANEL_H - 22
-    draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
-    points = [(i, y) for i, y in enumerate(ys) if y is not None and math.isfinite(y)]
-    if not points:
-        draw.text((left + 8, top + 8), "n/a", fill=(120, 120, 120), font=font)
-        return img
-    lo = min(y for _, y in points)
-    hi = max(y for _, y in points)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    n = max(1, len(ys) - 1)
-
-    def xy(i: int, y: float) -> tuple[float, float]:
-        return left + (right - left) * i / n, bottom - (bottom - top) * (y - lo) / (hi - lo)
-
-    draw.text((2, top - 6), f"{hi:.3g}", fill=(90, 90, 90), font=_font(10))
-    draw.text((2, bottom - 8), f"{lo:.3g}", fill=(90, 90, 90), font=_font(10))
-    draw.text((left, bottom + 4), "frame 0", fill=(90, 90, 90), font=_font(10))
-    draw.text((right - 40, bottom + 4), f"frame {len(ys) - 1}", fill=(90, 90, 90), font=_font(10))
-    coords = [xy(i, y) for i, y in points]
-    if len(coords) > 1:
-        draw.line(coords, fill=colour, width=2)
-    for x, y in coords:
-        draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
-    return img
-
-
 def render(
     frames: list[Image.Image], metrics: list[FrameMetrics], title: str, target: str | None
 ) -> Image.Image:
@@ -110,46 +78,61 @@ def uncertainty_maps(grid: list[list[Image.Image]]) -> tuple[list[np.ndarray], f
     return maps, float(max(m.max() for m in maps))
 
 
-def _band_chart(
+def _chart(
     title: str,
-    mean: list,
-    sd: list,
+    ys: list,
     colour: tuple[int, int, int],
-    unit: str,
+    sd: list | None = None,
+    unit: str = "",
     bounds: tuple[float, float] | None = None,
 ) -> Image.Image:
-    """Mean per frame with a +- sd band; y axis labelled with its range and unit, x axis with frames."""
+    """One value per frame (None: no value, a gap), as a line with dots, or with a +- ``sd`` band.
+
+    The y axis is labelled with its range (``bounds`` fixes it, for a probability) and ``unit``,
+    the x axis with the first and last frame.
+    """
     img = Image.new("RGB", (PANEL_W, PANEL_H), "white")
     draw = ImageDraw.Draw(img, "RGBA")
     font = _font(12)
     draw.text((8, 4), title, fill="black", font=font)
     left, right, top, bottom = 44, PANEL_W - 10, 24, PANEL_H - 22
     draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
-    points = [(i, m, s or 0.0) for i, (m, s) in enumerate(zip(mean, sd, strict=True)) if m is not None]
+    spread = sd if sd is not None else [0.0] * len(ys)
+    points = [
+        (i, y, s or 0.0)
+        for i, (y, s) in enumerate(zip(ys, spread, strict=True))
+        if y is not None and math.isfinite(y)
+    ]
     if not points:
         draw.text((left + 8, top + 8), "n/a", fill=(120, 120, 120), font=font)
         return img
-    lo = min(m - s for _, m, s in points)
-    hi = max(m + s for _, m, s in points)
-    if bounds is not None:  # a measure with a fixed range (a probability) is drawn on all of it
+    lo = min(y - s for _, y, s in points)
+    hi = max(y + s for _, y, s in points)
+    if bounds is not None:
         lo, hi = bounds
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    n = max(1, len(mean) - 1)
+    n = max(1, len(ys) - 1)
 
     def xy(i: float, y: float) -> tuple[float, float]:
         y = min(max(y, lo), hi)
         return left + (right - left) * i / n, bottom - (bottom - top) * (y - lo) / (hi - lo)
 
-    band = [xy(i, m + s) for i, m, s in points] + [xy(i, m - s) for i, m, s in reversed(points)]
-    if len(points) > 1:
-        draw.polygon(band, fill=(*colour, 60))
-        draw.line([xy(i, m) for i, m, _ in points], fill=colour, width=2)
     draw.text((2, top - 6), f"{hi:.3g}", fill=(90, 90, 90), font=_font(10))
     draw.text((2, bottom - 8), f"{lo:.3g}", fill=(90, 90, 90), font=_font(10))
-    draw.text((2, (top + bottom) // 2 - 6), unit, fill=(90, 90, 90), font=_font(10))
+    if unit:
+        draw.text((2, (top + bottom) // 2 - 6), unit, fill=(90, 90, 90), font=_font(10))
     draw.text((left, bottom + 4), "frame 0", fill=(90, 90, 90), font=_font(10))
-    draw.text((right - 40, bottom + 4), f"frame {len(mean) - 1}", fill=(90, 90, 90), font=_font(10))
+    draw.text((right - 40, bottom + 4), f"frame {len(ys) - 1}", fill=(90, 90, 90), font=_font(10))
+    coords = [xy(i, y) for i, y, _ in points]
+    if sd is not None and len(points) > 1:
+        band = [xy(i, y + s) for i, y, s in points] + [xy(i, y - s) for i, y, s in reversed(points)]
+        draw.polygon(band, fill=(*colour, 60))
+    if len(coords) > 1:
+        draw.line(coords, fill=colour, width=2)
+    if sd is None:
+        for x, y in coords:
+            draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
     return img
 
 
@@ -205,11 +188,11 @@ def render_trajectories(
         font=_font(10),
     )
     charts = [
-        _band_chart(
+        _chart(
             f"{name_title}{f': {target}' if target and name in ('severity', 'confidence') else ''}",
             per_step[name]["mean"],
-            per_step[name]["sd"],
             COLOURS[k % len(COLOURS)],
+            per_step[name]["sd"],
             unit,
             bounds,
         )

@@ -13,21 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import simulate_argv
+from tests.helpers import phantom_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model, phantom) -> Path:
-    from tests.conftest import Cli
-
-    folder = tmp_path_factory.mktemp("clf")
-    image, _, left = phantom
-    image.save(folder / "chest.png")
-    left.save(folder / "left.png")
-    out = folder / "run"
-    argv = simulate_argv(folder / "chest.png", out, model=tiny_model, mask=folder / "left.png", steps=2)
-    assert Cli()(*argv).exit_code == 0
-    return out
+    return phantom_run(tmp_path_factory.mktemp("clf"), tiny_model, phantom)
 
 
 def frames(run: Path) -> list[Image.Image]:

@@ -10,32 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import PROMPT, pixels, simulate_argv
+from tests.helpers import PROMPT, phantom_run, pixels, simulate_argv
 
 K, STEPS = 3, 2
 
 
 @pytest.fixture(scope="module")
 def trajectory_run(tmp_path_factory, tiny_model, phantom) -> Path:
-    from tests.conftest import Cli
-
-    folder = tmp_path_factory.mktemp("traj")
-    image, _, left = phantom
-    image.save(folder / "chest.png")
-    left.save(folder / "left.png")
-    out = folder / "run"
-    argv = simulate_argv(
-        folder / "chest.png",
-        out,
-        "--trajectories",
-        str(K),
-        model=tiny_model,
-        mask=folder / "left.png",
-        steps=STEPS,
+    return phantom_run(
+        tmp_path_factory.mktemp("traj"), tiny_model, phantom, "--trajectories", str(K), steps=STEPS
     )
-    result = Cli()(*argv)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module")
