@@ -109,8 +109,28 @@ OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace pie's files in a non-empty --out (other files are kept).")
 ]
 ResolutionOpt = Annotated[
-    int, typer.Option("--resolution", "-r", help="Frames are R x R: short side resized to R, centre-cropped.")
+    int,
+    typer.Option(
+        "--resolution", "-r", help="Working size R: frames are R x R (--fit crop), or R on the short side."
+    ),
 ]
+FIT_HELP = (
+    "How the image becomes the model's canvas: 'crop' (the original method's: short side to R, centre "
+    "crop; may cut the film's margins), 'pad' (the whole image letterboxed on R x R; the padding is never "
+    "edited and never written), 'native' (the whole image at its aspect, short side R, long side a multiple of 8)."
+)
+FitOpt = Annotated[str, typer.Option("--fit", metavar="crop|pad|native", help=FIT_HELP)]
+
+
+def check_fit(fit: str) -> str:
+    """``--fit`` as given, or a ``UserError`` listing the choices."""
+    from pie_cli.imaging.geometry import FIT_CHOICES
+
+    if fit not in FIT_CHOICES:
+        raise UserError(f"--fit must be one of {', '.join(FIT_CHOICES)}, got {fit!r}.")
+    return fit
+
+
 TrainingResolutionOpt = Annotated[int, typer.Option("--resolution", "-r", help="Training resolution.")]
 AllowPickleOpt = Annotated[
     bool,

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 
 # The working resolution's limits are geometry, owned by imaging; re-exported beside pie's other limits.
-from pie_cli.imaging.geometry import MAX_RESOLUTION, resolution_problem  # noqa: F401
+from pie_cli.imaging.geometry import FIT_CHOICES, LATENT_FACTOR, MAX_RESOLUTION, resolution_problem
 
 # Upper bounds that keep a typo from hanging or exhausting the machine (no real run comes near them):
 # SD 1.x schedulers have 1000 training timesteps, and a progression of 10000 frames is far beyond
@@ -55,6 +55,12 @@ class PieConfig:
     mask_growth: str = (
         ""  # "" = the whole mask every step (the original); "rise", "dilate:0.2" (imaging.growth)
     )
+    # How the image becomes the model's canvas (imaging.geometry): "crop" (the original), "pad", "native".
+    fit: str = "crop"
+    # Opt-in, not the original's: after each decode the frame is frame 0 outside the mask, blended
+    # across a feather of preserve_feather pixels (None: one latent cell, 8 px at the working size).
+    preserve_outside: bool = False
+    preserve_feather: int | None = None
 
     def prompt_at(self, n: int) -> str:
         return self.prompt_schedule[n - 1] if self.prompt_schedule else self.prompt
@@ -128,7 +134,17 @@ class PieConfig:
         problem = resolution_problem(self.resolution)
         if problem is not None:
             found.append(("resolution", problem))
+        if self.fit not in FIT_CHOICES:
+            found.append(("fit", f"must be one of {', '.join(FIT_CHOICES)}, got {self.fit!r}"))
+        if self.preserve_feather is not None and not 0 <= self.preserve_feather <= MAX_RESOLUTION:
+            found.append(
+                ("preserve_feather", f"must be in 0..{MAX_RESOLUTION} pixels, got {self.preserve_feather}")
+            )
         return found
+
+    def feather_pixels(self) -> int:
+        """The preservation feather in working pixels (default: one latent cell)."""
+        return LATENT_FACTOR if self.preserve_feather is None else self.preserve_feather
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first parameter out of range."""

@@ -10,8 +10,10 @@ The semantics are the original method's, exactly; this docstring is their specif
 (the tests compare the frames, noise-free, with an independent implementation of it, and with
 diffusers' own img2img for the maskless case):
 
-    inputs:   x0 = the image, 8-bit RGB, short side resized to R and centre-cropped to R x R;
-              mask (8-bit grey, white = edit, grey = partial) in the same geometry; prompt p;
+    inputs:   x0 = the image, 8-bit RGB, short side resized to R and centre-cropped to R x R
+              (opt-in ``fit``: "pad" letterboxes it on R x R, "native" keeps its aspect; see
+              imaging.geometry); mask (8-bit grey, white = edit, grey = partial) in the same
+              geometry; prompt p;
               N steps, strength g, guidance w, blend weights b1 (outside) and b2 (inside), T
     prepare:  x0 -> z_init = sf * sample(VAE.encode(x0)); text embeddings of [negative, prompt];
               M = bilinear (no antialias) mask at latent size, in [0, 1];
@@ -26,6 +28,9 @@ diffusers' own img2img for the maskless case):
               grow over the steps, ``mask_growth``: step n then uses M_n, see imaging.growth)
               x_n = 8-bit RGB of clamp(VAE.decode(z_out / sf) / 2 + 0.5, 0, 1)
               (the next step starts from this rounded 8-bit frame: part of the method)
+              (opt-in, not the original's: ``preserve_outside`` makes x_n = x0 + (x_n - x0) * W with
+              W the feathered mask, imaging.compose.feather_weight, so pixels beyond the feather are
+              x0's bit for bit; with ``fit="pad"`` W is 0 on the padding, which frames never show)
     pace:     (opt-in, not the original's; :class:`Pace`) z_out is made for every candidate b2 of
               the step, all decoded in batches and scored with x_{n-1}; x_n is the one whose score
               is nearest the target for step n (ties: a new frame before x_{n-1}, then the smaller
@@ -52,8 +57,9 @@ from PIL import Image
 
 from pie_cli.core.parameters import PieConfig, denoise_count
 from pie_cli.errors import NumericalError
+from pie_cli.imaging.geometry import Geometry, fit_geometry
 from pie_cli.imaging.masks import prepare_mask
-from pie_cli.imaging.media import prepare_image
+from pie_cli.imaging.media import frame_of, onto_canvas, prepare_image
 
 __all__ = [
     "Components",
@@ -96,7 +102,7 @@ class Components:
 
 @dataclass(frozen=True)
 class Frame:
-    """One frame of a progression: index 0 is the preprocessed input."""
+    """One frame of a progression: index 0 is the preprocessed input (without ``fit="pad"``'s padding)."""
 
     index: int
     image: Image.Image
@@ -261,7 +267,9 @@ def _repeat_posterior(posterior: Any, k: int) -> Any:
 class _Prepared:
     """Everything computed once per run (K trajectories share the input, mask and text)."""
 
-    x0: Image.Image
+    geometry: Geometry
+    x0: Image.Image  # frame 0 on the canvas
+    keep: list[np.ndarray | None]  # per step 1..N: the composite weight W (None: the decoded frame as is)
     z_init: torch.Tensor  # [K, C, h, w]: each trajectory samples its own
     posterior0: Any  # frame 0's posterior, repeated K times
     mask: torch.Tensor | None
@@ -279,8 +287,9 @@ def _prepare(
     generators: list[torch.Generator],
 ) -> _Prepared:
     device = components.device
-    # 1. Frame 0: the input, 8-bit RGB, short side resized to R and centre-cropped.
-    x0 = prepare_image(image, config.resolution)
+    # 1. Frame 0: the input, 8-bit RGB, short side resized to R and centre-cropped (or --fit's geometry).
+    geometry = fit_geometry(image.size, config.resolution, config.fit)
+    x0 = prepare_image(image, config.resolution, config.fit)
     # 2. Text, once per run and in one batch: the unconditional (negative) text, then every prompt.
     prompts = config.prompts()
     embeddings = encode_text(components, [config.negative_prompt, *prompts]).to(components.unet.dtype)
@@ -290,17 +299,59 @@ def _prepare(
     z_init = sample_latents(components, posterior0, generators)
     # 4. Mask at latent size.
     latent_mask = step_masks = None
+    masks8: list[Image.Image | None] = [None] * config.steps
     if mask is not None:
         size, channels = tuple(z_init.shape[-2:]), z_init.shape[1]
-        m8 = prepare_mask(mask, image.size, config.resolution)
+        m8 = onto_canvas(
+            prepare_mask(mask, image.size, config.resolution, fit=config.fit),
+            Image.new("L", geometry.canvas, 0),
+            geometry,
+        )
         latent_mask = mask_to_latent(m8, size, channels, device)
+        masks8 = [m8] * config.steps
         if config.mask_growth:
             from pie_cli.imaging.growth import grow
 
-            step_masks = [
-                mask_to_latent(m, size, channels, device) for m in grow(m8, config.mask_growth, config.steps)
-            ]
-    return _Prepared(x0, z_init, posterior0, latent_mask, step_masks, embeddings[:1], by_prompt)
+            masks8 = list(grow(m8, config.mask_growth, config.steps))
+            step_masks = [mask_to_latent(m, size, channels, device) for m in masks8]
+    keep = _composite_weights(geometry, masks8, config)
+    return _Prepared(
+        geometry, x0, keep, z_init, posterior0, latent_mask, step_masks, embeddings[:1], by_prompt
+    )
+
+
+def _composite_weights(
+    geometry: Geometry, masks8: list[Image.Image | None], config: PieConfig
+) -> list[np.ndarray | None]:
+    """Per step, the weight W of the decoded frame against x0 (None: no composite, the original method)."""
+    if not (config.preserve_outside or geometry.padded):
+        return [None] * len(masks8)
+    from pie_cli.imaging.compose import feather_weight
+
+    content = np.zeros((geometry.canvas[1], geometry.canvas[0]))
+    left, top, right, bottom = geometry.content
+    content[top:bottom, left:right] = 1.0
+    cache: dict[int, np.ndarray] = {}
+    out: list[np.ndarray | None] = []
+    for m8 in masks8:
+        if not config.preserve_outside or m8 is None:
+            out.append(content)
+            continue
+        key = id(m8)
+        if key not in cache:
+            cache[key] = feather_weight(m8, config.feather_pixels()) * content
+        out.append(cache[key])
+    return out
+
+
+def _keep(prep: _Prepared, frames: list[Image.Image], n: int) -> list[Image.Image]:
+    """The frames of step ``n`` after its composite with x0 (as decoded when there is none)."""
+    weight = prep.keep[n - 1]
+    if weight is None:
+        return frames
+    from pie_cli.imaging.compose import composite
+
+    return [composite(prep.x0, f, weight) for f in frames]
 
 
 def _frames_to_tensor(frames: list[Image.Image], device: torch.device) -> torch.Tensor:
@@ -365,8 +416,9 @@ def _progression_step(
         z_out = prep.z_init + (z_t - prep.z_init) * weight
 
     _require_finite(z_out, n, "latents")
-    # 5. Decode to 8-bit frames; the next step starts from these rounded images.
-    return decode_latents(components, z_out, step=n), None
+    # 5. Decode to 8-bit frames; the next step starts from these rounded images (composited with x0
+    #    outside the mask when preserving, and on the padding).
+    return _keep(prep, decode_latents(components, z_out, step=n), n), None
 
 
 def _paced_frames(
@@ -388,6 +440,10 @@ def _paced_frames(
     _require_finite(z_t, n, "latents")
     frames, choices = [], []
     step = max(1, pace.decode_batch)
+
+    def score(images: list[Image.Image]) -> Any:  # the classifier sees frames as they are written
+        return pace.score([frame_of(img, prep.geometry) for img in images])
+
     for k in range(z_t.shape[0]):
         z_k, init_k = z_t[k : k + 1], prep.z_init[k : k + 1]
 
@@ -398,12 +454,12 @@ def _paced_frames(
                 z_out = torch.cat(
                     [init_k + (z_k - init_k) * (config.beta1 * (1 - mask) + c * mask) for c in chunk]
                 )
-                out += decode_latents(components, z_out, step=n)
+                out += _keep(prep, decode_latents(components, z_out, step=n), n)
             return out
 
         weights = list(pace.candidates)
         images = blends(pace.candidates)
-        scores = [float(s) for s in pace.score([*images, x_prev[k]])]
+        scores = [float(s) for s in score([*images, x_prev[k]])]
         held_score = scores.pop()
         if pace.refine > 0:
             # The score may jump between neighbouring candidates: look closer where it crosses the target.
@@ -422,7 +478,7 @@ def _paced_frames(
                 more = blends(finer)
                 weights += list(finer)
                 images += more
-                scores += [float(s) for s in pace.score(more)]
+                scores += [float(s) for s in score(more)]
         pool = len(images)
         best = min(
             range(pool + 1),
@@ -497,13 +553,14 @@ def progress_batch(
     start = time.perf_counter()
     prep = _prepare(components, image, mask, config, generators)
     targets: tuple[float, ...] = ()
+    shown = frame_of(prep.x0, prep.geometry)
     if pace is not None:
-        targets = pace.targets_from(float(pace.score([prep.x0])[0]), config.steps)
+        targets = pace.targets_from(float(pace.score([shown])[0]), config.steps)
     seconds = time.perf_counter() - start
     first = 1
     frames = [prep.x0] * len(generators)
     if resume is None:
-        yield [Frame(0, prep.x0, seconds) for _ in generators]
+        yield [Frame(0, shown, seconds) for _ in generators]
     else:
         if len(resume.rng_states) != len(generators) or len(resume.frames) != len(generators):
             raise ValueError("resume point has a different number of trajectories")
@@ -511,14 +568,17 @@ def progress_batch(
             g.set_state(state)
         first = resume.step + 1
         if resume.step > 0:
-            frames = [f.convert("RGB") for f in resume.frames]
+            frames = [onto_canvas(f.convert("RGB"), prep.x0, prep.geometry) for f in resume.frames]
     for n in range(first, config.steps + 1):
         start = time.perf_counter()
         frames, chosen = _progression_step(
             components, prep, frames, n, config, generators, on_denoise, pace, targets[n - 1] if pace else 0.0
         )
         seconds = time.perf_counter() - start
-        yield [Frame(n, f, seconds, chosen[j] if chosen is not None else None) for j, f in enumerate(frames)]
+        yield [
+            Frame(n, frame_of(f, prep.geometry), seconds, chosen[j] if chosen is not None else None)
+            for j, f in enumerate(frames)
+        ]
 
 
 @dataclass
@@ -546,7 +606,7 @@ def progress(
 
     ``components`` is a :class:`Components` or a diffusers Stable Diffusion pipeline.
     ``image`` and ``mask`` are PIL images of any size (the mask either the image's size
-    or R x R). Parameters come as a :class:`PieConfig` or as keyword arguments
+    or its frame size under ``fit``). Parameters come as a :class:`PieConfig` or as keyword arguments
     (``prompt=..., steps=..., strength=...``). Without ``generator``, a CPU generator
     seeded with ``seed`` is used; a CPU generator gives the same frames on every device
     up to floating-point differences.

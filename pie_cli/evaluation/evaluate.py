@@ -1,8 +1,11 @@
 """`pie evaluate RUN_DIR` as a service: measure a run's frames and write metrics.json, metrics.csv, report.png.
 
-Per frame: mean change inside the mask, PSNR/SSIM outside it against frame 0, step-to-step
-change, and optionally a classifier's confidence in the target finding and CLIP-I against
-frame 0. The three files are written together (all or none).
+Per frame: mean change inside the mask, PSNR/SSIM and the drift (mean and largest |difference|)
+outside it against frame 0, step-to-step change, and optionally a classifier's confidence in the
+target finding and CLIP-I against frame 0. The outside keeps the SSIM window's reach clear of the
+mask (``metrics.OUTSIDE``). Frames are measured at their own depth and size (8-bit RGB or grey,
+16-bit grey; any shape); the classifiers and the pictures get them as 8-bit RGB. The files are
+written together (all or none).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.evaluation.metrics import FrameMetrics
@@ -41,15 +46,21 @@ def evaluate_run(
     target_label: str | None = None,
     ledger: Any = None,
     allow_pickle: bool = False,
+    mask: Path | None = None,
+    fit: str | None = None,
 ) -> Evaluation:
     """Measure the frames of ``run_dir`` and write the metrics and the report beside them.
 
     ``ledger`` is the ownership ledger to check and record the outputs in (a trajectory folder's
-    is its run's, one level up); by default ``run_dir``'s own.
+    is its run's, one level up); by default ``run_dir``'s own. ``mask`` (another mask, e.g. a
+    reader's region: the frames' size or the original image's) replaces the run's mask.png; it is
+    brought to the frames through the geometry the run recorded (``fit``: for a run that
+    recorded none, made before pie had --fit, the geometry its frames are in; default crop).
     """
-    from pie_cli.evaluation.metrics import frame_metrics, rows, summarise
+    from pie_cli.evaluation.metrics import OUTSIDE, frame_metrics, outside_of, rows, summarise
     from pie_cli.evaluation.report import render
     from pie_cli.imaging.files import png_writer, write_together
+    from pie_cli.imaging.media import to_rgb8
     from pie_cli.imaging.ownership import Ledger, refuse_overlap
     from pie_cli.runs import frames as run_frames
     from pie_cli.runs.locks import check_not_locked
@@ -71,13 +82,23 @@ def evaluate_run(
     if classifier and classifier != "demo":
         classifier_file = Path(classifier.split("@", 1)[-1] if classifier.startswith("xrv:") else classifier)
     refuse_overlap(
-        "RUN_DIR", run_dir, [("--classifier", classifier_file)], lambda rel: rel in [p.name for p in outputs]
+        "RUN_DIR",
+        run_dir,
+        [("--classifier", classifier_file), ("--mask", mask)],
+        lambda rel: rel in [p.name for p in outputs],
     )
     sources, mask_path = run_frames.collect([run_dir])
-    frames = run_frames.load(sources)
-    mask = None
+    measured = load_frames(sources)  # at their own depth, for the metrics
+    frames = [to_rgb8(f) for f in measured]  # for the classifiers, CLIP and the pictures
+    edited = values = None
+    given_mask, mask = mask, None
+    if given_mask is not None or fit is not None:
+        given_path, values = _given_mask(run_dir, given_mask, fit, measured[0].size)
+        mask_path = given_path or mask_path
+    if values is None and mask_path is not None:
+        values = run_frames.load_mask(mask_path, measured)
     if mask_path is not None:
-        mask = run_frames.load_mask(mask_path, frames) >= 128
+        mask, edited = values >= 128, values > 0
         if not mask.any():
             raise UserError(
                 f"mask {mask_path} is empty (no pixel of 128 or more); there is no inside to measure change in."
@@ -88,7 +109,7 @@ def evaluate_run(
     if target_label is not None and classifier is None:
         raise UserError("--target-label needs --classifier.")
 
-    metrics = frame_metrics(frames, mask)
+    metrics = frame_metrics(measured, mask, edited)
     label = None
     if classifier is not None:
         from pie_cli.evaluation.scorers import cached_classifier
@@ -124,6 +145,8 @@ def evaluate_run(
         "run": str(run_dir),
         "prompt": prompt,
         "mask": bool(mask is not None),
+        "outside": OUTSIDE if mask is not None else None,
+        "outside_pixels": int(outside_of(edited).sum()) if edited is not None else None,
         "classifier": classifier,
         "target_label": label,
         "clip": str(clip) if clip else None,
@@ -155,6 +178,22 @@ def evaluate_run(
     return Evaluation(data, metrics, label, written)
 
 
+def load_frames(sources) -> list[Image.Image]:
+    """A run's frames as they are (8-bit RGB or grey, 16-bit grey as "I;16"), all of one size
+    (else a ``UserError`` naming the odd one)."""
+    from pie_cli.imaging.media import open_image
+
+    images = [open_image(f.path, "frame") for f in sources]
+    first = images[0].size
+    for f, img in zip(sources, images, strict=True):
+        if img.size != first:
+            raise UserError(
+                f"frame {f.path} is {img.width}x{img.height} but {sources[0].path} is {first[0]}x{first[1]}; "
+                "the frames of a run must have one size."
+            )
+    return images
+
+
 def steered_by(run_dir: Path) -> dict[str, Any] | None:
     """A paced run's record of what steered it (manifest ``pace``: classifier, output, curve), else None."""
     from pie_cli.runs.manifest import MANIFEST
@@ -165,6 +204,48 @@ def steered_by(run_dir: Path) -> dict[str, Any] | None:
         return None
     pace = manifest.get("pace") if isinstance(manifest, dict) else None
     return pace if isinstance(pace, dict) else None
+
+
+def _given_mask(
+    run_dir: Path, mask: Path | None, fit: str | None, frame_size: tuple[int, int]
+) -> tuple[Path | None, Any]:
+    """(path, 8-bit values in the frames' geometry) of ``--mask``, checked against the run's recorded geometry."""
+    import numpy as np
+
+    from pie_cli.imaging.geometry import FIT_CHOICES, fit_geometry
+    from pie_cli.imaging.masks import mask_in_frame, mask_to_grey
+    from pie_cli.imaging.media import open_image
+    from pie_cli.runs import manifest as runs_manifest
+
+    record = runs_manifest.read(run_dir, "RUN_DIR") or {}
+    geometry = record.get("geometry") if isinstance(record.get("geometry"), dict) else None
+    recorded = geometry.get("fit") if geometry else None
+    if fit is not None:
+        if fit not in FIT_CHOICES:
+            raise UserError(f"--fit must be one of {', '.join(FIT_CHOICES)}, got {fit!r}.")
+        if recorded is not None and fit != recorded:
+            raise UserError(
+                f"--fit {fit}: the run in {run_dir} was made with --fit {recorded}, the geometry its frames are in; "
+                "drop --fit."
+            )
+    if mask is None:
+        return None, None
+    grey = mask_to_grey(open_image(mask, "--mask"), mask)
+    if grey.size == frame_size:
+        return mask, np.asarray(grey)
+    inputs = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
+    size = inputs.get("image_size")
+    resolution = (record.get("parameters") or {}).get("resolution")
+    full = geometry.get("full_res") if geometry else None
+    if full is None and isinstance(size, list) and len(size) == 2 and isinstance(resolution, int):
+        source = (int(size[0]), int(size[1]))
+        if grey.size == source:
+            frame = mask_in_frame(grey, fit_geometry(source, resolution, recorded or fit or "crop"))
+            if frame.size == frame_size:
+                return mask, np.asarray(frame)
+    (mw, mh), (fw, fh) = grey.size, frame_size
+    image = f" or the image's {size[0]}x{size[1]}" if isinstance(size, list) and full is None else ""
+    raise UserError(f"--mask {mask} is {mw}x{mh}; it must have the frames' size {fw}x{fh}{image}.")
 
 
 def _check_replaceable(path: Path, ledger) -> None:
@@ -183,8 +264,8 @@ def _check_replaceable(path: Path, ledger) -> None:
 
 def headline(run_dir: Path) -> dict[str, Any]:
     """The headline measures of a finished run folder, for a cohort's summary: the final change inside
-    the mask, the lowest PSNR outside it, and the pace of the change (share at step 1, steps to 90 %,
-    Spearman); for a trajectory run, the mean over its trajectories (``traj_KK/``)."""
+    the mask, the lowest PSNR and the largest drift outside it, and the pace of the change (share at
+    step 1, steps to 90 %, Spearman); for a trajectory run, the mean over its trajectories (``traj_KK/``)."""
     import numpy as np
 
     from pie_cli.evaluation.metrics import frame_metrics, summarise
@@ -196,13 +277,15 @@ def headline(run_dir: Path) -> dict[str, Any]:
     for folder in folders:
         sources, mask_path = run_frames.collect([folder])
         mask_path = mask_path or (run_dir / "mask.png" if (run_dir / "mask.png").is_file() else None)
-        frames = run_frames.load(sources)
-        mask = run_frames.load_mask(mask_path, frames) >= 128 if mask_path is not None else None
-        summary = summarise(frame_metrics(frames, mask if mask is not None and mask.any() else None))
+        frames = load_frames(sources)
+        grey_mask = run_frames.load_mask(mask_path, frames) if mask_path is not None else None
+        mask = grey_mask >= 128 if grey_mask is not None and (grey_mask >= 128).any() else None
+        summary = summarise(frame_metrics(frames, mask, grey_mask > 0 if mask is not None else None))
         pace = summary.get("pace", {})
         values = {
             "final_change_in_mask": summary.get("final_change_in_mask"),
             "min_psnr_outside": summary.get("min_psnr_outside"),
+            "max_drift_outside": summary.get("max_drift_outside"),
             "first_step_share": pace.get("first_step_share"),
             "steps_to_90": pace.get("steps_to_90"),
             "spearman": pace.get("spearman"),

@@ -32,6 +32,8 @@ MEASURES = (
     "change_in_mask",
     "psnr_outside",
     "ssim_outside",
+    "drift_outside",
+    "max_abs_outside",
     "step_change",
     "confidence",
     "severity",
@@ -42,6 +44,7 @@ CASE_COLUMNS = (
     "final_change_in_mask",
     "min_psnr_outside",
     "min_ssim_outside",
+    "max_drift_outside",
     "final_severity",
     "final_confidence",
     "first_step_share",
@@ -71,16 +74,25 @@ def evaluate_path(
     clip: Path | None = None,
     target_label: str | None = None,
     allow_pickle: bool = False,
+    mask: Path | None = None,
+    fit: str | None = None,
 ) -> Any:
-    """Evaluate a run, a trajectory run or a cohort folder (an ``Evaluation`` or a ``GroupEvaluation``)."""
+    """Evaluate a run, a trajectory run or a cohort folder (an ``Evaluation`` or a ``GroupEvaluation``).
+
+    ``mask`` replaces the runs' own mask.png (see :func:`~pie_cli.evaluation.evaluate.evaluate_run`).
+    """
     from pie_cli.evaluation.evaluate import evaluate_run
 
     kind = folder_kind(folder)
+    if kind == "cohort" and mask is not None:
+        raise UserError(
+            f"--mask is one image's mask; {folder} is a cohort of several images: evaluate a case."
+        )
     if kind == "trajectories":
-        return evaluate_trajectories(Path(folder), classifier, clip, target_label, allow_pickle)
+        return evaluate_trajectories(Path(folder), classifier, clip, target_label, allow_pickle, mask, fit)
     if kind == "cohort":
         return evaluate_cohort(Path(folder), classifier, clip, target_label, allow_pickle)
-    return evaluate_run(folder, classifier, clip, target_label, allow_pickle=allow_pickle)
+    return evaluate_run(folder, classifier, clip, target_label, allow_pickle=allow_pickle, mask=mask, fit=fit)
 
 
 def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -160,9 +172,11 @@ def evaluate_trajectories(
     clip: Path | None,
     target_label: str | None,
     allow_pickle: bool = False,
+    mask: Path | None = None,
+    fit: str | None = None,
 ) -> GroupEvaluation:
     """Each ``traj_KK/`` evaluated, then the run's aggregate in its top folder."""
-    from pie_cli.evaluation.evaluate import evaluate_run
+    from pie_cli.evaluation.evaluate import evaluate_run, load_frames
     from pie_cli.evaluation.pace import describe, pace
     from pie_cli.evaluation.report import render_trajectories
     from pie_cli.runs import frames as run_frames
@@ -171,7 +185,19 @@ def evaluate_trajectories(
     ledger, outputs = _claim(folder)  # before any trajectory's files are written
     subs = trajectory_folders(folder)
     members = [
-        (p.name, evaluate_run(p, classifier, clip, target_label, ledger=ledger, allow_pickle=allow_pickle))
+        (
+            p.name,
+            evaluate_run(
+                p,
+                classifier,
+                clip,
+                target_label,
+                ledger=ledger,
+                allow_pickle=allow_pickle,
+                mask=mask,
+                fit=fit,
+            ),
+        )
         for p in subs
     ]
     lengths = {len(e.metrics) for _, e in members}
@@ -221,12 +247,13 @@ def evaluate_trajectories(
         "prompt": prompt_of(folder, "RUN_DIR"),
         "classifier": classifier,
         "target_label": members[0][1].label,
+        "outside": members[0][1].data.get("outside"),
         "summary": summary,
         "per_trajectory": {name: e.summary for name, e in members},
         "per_step": per_step,
         "frames": table,
     }
-    grid = [run_frames.load(run_frames.collect([p])[0]) for p in subs]
+    grid = [load_frames(run_frames.collect([p])[0]) for p in subs]  # at their own depth
     title = f"{folder.name}: {data['prompt'] or ''} ({len(members)} trajectories)"
     report = render_trajectories(grid, per_step, title, members[0][1].label)
     from pie_cli.evaluation.html import trajectories_report

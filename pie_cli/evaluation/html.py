@@ -29,6 +29,7 @@ DISCLAIMER = (
 CURVES = (
     ("change_in_mask", "Change inside the mask", "mean |frame - frame 0| (grey levels, 0-255)", None, 1.0),
     ("psnr_outside", "Preservation outside the mask", "PSNR vs frame 0 (dB)", None, 1.0),
+    ("drift_outside", "Drift outside the mask", "mean |frame - frame 0| (grey levels, 0-255)", None, 1.0),
     ("severity", "Classifier severity", "expected grade (0-3)", (0.0, 3.0), 3.0),
     ("confidence", "Classifier confidence", "P(finding present)", (0.0, 1.0), 1.0),
 )
@@ -170,12 +171,28 @@ def _what_ran(manifest: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _frames_strip(frames: list[Image.Image], mask, indices: list[int]) -> str:
-    from pie_cli.imaging.annotate import draw_outline
+# Frames larger than this (long side, pixels) are shown scaled down: the page stays small to send.
+SHOWN_MAX = 384
 
+
+def _frames_strip(frames: list[Image.Image], mask, indices: list[int]) -> str:
+    import numpy as np
+
+    from pie_cli.imaging.annotate import draw_outline
+    from pie_cli.imaging.media import to_rgb8
+
+    w, h = frames[indices[0]].size if indices else (1, 1)
+    scale = min(1.0, SHOWN_MAX / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if mask is not None and size != (w, h):
+        mask = np.asarray(
+            Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(size, Image.Resampling.NEAREST)
+        )
     figures = []
     for i in indices:
-        shown = draw_outline(frames[i], mask) if mask is not None else frames[i].convert("RGB")
+        frame = to_rgb8(frames[i])
+        frame = frame.resize(size, Image.Resampling.LANCZOS) if frame.size != size else frame
+        shown = draw_outline(frame, mask) if mask is not None else frame
         width = max(96, min(192, shown.width))
         figures.append(
             f'<figure><img class="pixel" width="{width}" src="{_png_uri(shown)}" alt="frame {i}">'
@@ -226,6 +243,8 @@ def run_report(folder: Path, frames: list[Image.Image], mask, data: dict[str, An
     body.append("<h2>Frames" + (" (mask contour in colour)" if mask is not None else "") + "</h2>")
     body.append(_frames_strip(frames, mask, picks))
     body.append('<h2>Curves</h2><div class="charts">' + "".join(charts(per_step)) + "</div>")
+    if data.get("outside"):
+        body.append(f"<p>Outside the mask: {html.escape(data['outside'])}.</p>")
     body.append("<h2>Summary</h2>" + _table({k: v for k, v in data["summary"].items() if k not in ("pace",)}))
     body.append(_what_ran(manifest))
     return _page(f"pie report: {Path(folder).name}", body)
@@ -251,6 +270,8 @@ def trajectories_report(
         + "".join(charts(data["per_step"]))
         + "</div>"
     )
+    if data.get("outside"):
+        body.append(f"<p>Outside the mask: {html.escape(data['outside'])}.</p>")
     agg = {k: f"{v['mean']:.4g} +- {v['sd']:.2g}" for k, v in data["summary"]["aggregate"].items()}
     body.append("<h2>Summary (mean +- sd over trajectories)</h2>" + _table(agg))
     body.append(_what_ran(manifest))

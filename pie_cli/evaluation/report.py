@@ -1,5 +1,8 @@
 """report.png for `pie evaluate`: the frames as a strip over small line charts, drawn with PIL
-(no plotting library needed)."""
+(no plotting library needed).
+
+Frames of any shape and depth: thumbnails keep the frames' aspect ratio, and a 16-bit frame is
+shown scaled by its depth (``to_rgb8``), not clipped."""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pie_cli.evaluation.metrics import FrameMetrics
+from pie_cli.evaluation.metrics import WINDOW_RADIUS, FrameMetrics, grey
 
 PANEL_W, PANEL_H = 300, 170
-COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
 
 def _font(size: int = 12):
@@ -19,6 +22,22 @@ def _font(size: int = 12):
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):
         return ImageFont.load_default()
+
+
+def thumb_size(size: tuple[int, int], height: int) -> tuple[int, int]:
+    """A thumbnail of ``height`` rows with the aspect ratio of ``size`` (width at most 2 x ``height``;
+    a wider frame is scaled down to that width instead)."""
+    w, h = size
+    width = max(1, round(height * w / h))
+    if width > 2 * height:
+        return 2 * height, max(1, round(2 * height * h / w))
+    return width, height
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    from pie_cli.imaging.media import to_rgb8
+
+    return to_rgb8(img)
 
 
 def render(
@@ -29,18 +48,28 @@ def render(
     if len(picks) > 11:
         picks = sorted({round(k * (len(frames) - 1) / 10) for k in range(11)})
     thumb = 96
-    strip = Image.new("RGB", (thumb * len(picks), thumb + 16), "white")
+    tw, th = thumb_size(frames[0].size, thumb)
+    strip = Image.new("RGB", (tw * len(picks), thumb + 16), "white")
     draw = ImageDraw.Draw(strip)
     for k, p in enumerate(picks):
-        strip.paste(frames[p].convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS), (k * thumb, 0))
-        draw.text((k * thumb + 4, thumb + 2), f"{p}", fill="black", font=_font(11))
+        strip.paste(_rgb(frames[p]).resize((tw, th), Image.Resampling.LANCZOS), (k * tw, 0))
+        draw.text((k * tw + 4, thumb + 2), f"{p}", fill="black", font=_font(11))
+    # PSNR and the drift side by side, in two columns or four
     charts = [
         _chart("change inside the mask (grey levels)", [m.change_in_mask for m in metrics], COLOURS[0]),
-        _chart("PSNR outside the mask (dB)", [m.psnr_outside for m in metrics], COLOURS[1]),
         _chart(
             f"classifier confidence: {target}" if target else "classifier confidence (none)",
             [m.confidence for m in metrics],
             COLOURS[2],
+        ),
+        _chart(
+            f"PSNR outside, mask + {WINDOW_RADIUS} px (dB)", [m.psnr_outside for m in metrics], COLOURS[1]
+        ),
+        _chart(
+            f"drift outside, mask + {WINDOW_RADIUS} px (grey)",
+            [m.drift_outside for m in metrics],
+            COLOURS[4],
+            unit="grey",
         ),
         _chart("CLIP-I vs frame 0", [m.clip_i for m in metrics], COLOURS[3]),
     ]
@@ -73,7 +102,7 @@ def uncertainty_maps(grid: list[list[Image.Image]]) -> tuple[list[np.ndarray], f
     steps = len(grid[0])
     maps = []
     for i in range(steps):
-        stack = np.stack([np.asarray(row[i].convert("L"), dtype=np.float64) for row in grid])
+        stack = np.stack([grey(row[i]) for row in grid])
         maps.append(stack.std(axis=0, ddof=1) if len(grid) > 1 else np.zeros(stack.shape[1:]))
     return maps, float(max(m.max() for m in maps))
 
@@ -139,6 +168,7 @@ def _chart(
 CURVES = (
     ("change_in_mask", "change inside the mask, mean +- sd", "grey", None),
     ("psnr_outside", "PSNR outside the mask, mean +- sd", "dB", None),
+    ("drift_outside", "drift outside the mask, mean +- sd", "grey", None),
     ("severity", "classifier severity, mean +- sd", "grade/3", (0.0, 1.0)),
     ("confidence", "classifier confidence, mean +- sd", "P", (0.0, 1.0)),
 )
@@ -152,18 +182,19 @@ def render_trajectories(
     steps = len(grid[0])
     picks = list(range(steps)) if steps <= 11 else sorted({round(k * (steps - 1) / 10) for k in range(11)})
     thumb, label_w = 80, 64
+    tw, th = thumb_size(grid[0][0].size, thumb)
     maps, top = uncertainty_maps(grid)
     rows = len(grid) + 1
-    block = Image.new("RGB", (label_w + thumb * len(picks), 16 + rows * thumb + 52), "white")
+    block = Image.new("RGB", (label_w + tw * len(picks), 16 + rows * thumb + 52), "white")
     draw = ImageDraw.Draw(block)
     for k, p in enumerate(picks):
-        draw.text((label_w + k * thumb + 4, 2), f"frame {p}", fill="black", font=_font(11))
+        draw.text((label_w + k * tw + 4, 2), f"frame {p}", fill="black", font=_font(11))
     for r, row in enumerate(grid):
         draw.text((4, 16 + r * thumb + thumb // 2 - 6), f"traj {r:02d}", fill="black", font=_font(11))
         for k, p in enumerate(picks):
             block.paste(
-                row[p].convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS),
-                (label_w + k * thumb, 16 + r * thumb),
+                _rgb(row[p]).resize((tw, th), Image.Resampling.LANCZOS),
+                (label_w + k * tw, 16 + r * thumb),
             )
     y = 16 + len(grid) * thumb
     draw.text((4, y + thumb // 2 - 12), "spread", fill="black", font=_font(11))
@@ -171,12 +202,12 @@ def render_trajectories(
     for k, p in enumerate(picks):
         coloured = colour_scale(maps[p] / top if top > 0 else maps[p])
         block.paste(
-            Image.fromarray(coloured, "RGB").resize((thumb, thumb), Image.Resampling.NEAREST),
-            (label_w + k * thumb, y),
+            Image.fromarray(coloured, "RGB").resize((tw, th), Image.Resampling.NEAREST),
+            (label_w + k * tw, y),
         )
     # The colour scale: what a colour of the spread row means, in grey levels.
     bar_y = y + thumb + 8
-    bar_w = min(240, thumb * len(picks))
+    bar_w = min(240, tw * len(picks))
     bar = colour_scale(np.tile(np.linspace(0, 1, bar_w), (10, 1)))
     block.paste(Image.fromarray(bar, "RGB"), (label_w, bar_y))
     draw.text((label_w, bar_y + 12), "0", fill="black", font=_font(10))
@@ -230,7 +261,7 @@ def render_cohort(curves: dict[str, list[float]], title: str, measure: str) -> I
     draw.text((4, (top + bottom) // 2), measure.replace("_", " "), fill=(90, 90, 90), font=_font(10))
     draw.text((left, bottom + 4), "frame 0", fill=(90, 90, 90), font=_font(10))
     draw.text((right - 40, bottom + 4), f"frame {n}", fill=(90, 90, 90), font=_font(10))
-    palette = [*COLOURS, (255, 127, 14), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+    palette = [*COLOURS, (140, 86, 75), (227, 119, 194), (127, 127, 127)]
     for k, (name, curve) in enumerate(curves.items()):
         colour = palette[k % len(palette)]
         pts = [

@@ -97,22 +97,34 @@ def watermark_box(img: Image.Image, text: str = WATERMARK) -> tuple[int, int, in
     font = caption_font(img.width)
     size = getattr(font, "size", 10)
     pad = max(1, size // 5)
-    left, top, right, bottom = ImageDraw.Draw(img).textbbox((0, 0), text, font=font)
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
     w, h = right - left + 2 * pad, bottom - top + 2 * pad
     return max(0, img.width - w), max(0, img.height - h), img.width, img.height
 
 
 def watermark(img: Image.Image, text: str = WATERMARK) -> Image.Image:
-    """A small "SYNTHETIC" label burnt into the bottom-right corner: white on a black box."""
-    out = img.convert("RGB").copy()
-    font = caption_font(out.width)
-    box = watermark_box(out, text)
-    draw = ImageDraw.Draw(out)
-    draw.rectangle(box, fill=(0, 0, 0))
+    """A small "SYNTHETIC" label burnt into the bottom-right corner: white on a black box.
+
+    The image keeps its mode and depth (8-bit RGB or grey, 16-bit grey: white is 65535); other
+    modes become 8-bit RGB.
+    """
+    if img.mode not in ("RGB", "L", "I;16"):
+        img = img.convert("RGB")
+    font = caption_font(img.width)
+    box = watermark_box(img, text)
+    ink = Image.new("L", img.size, 0)  # the text's coverage, anti-aliased
+    draw = ImageDraw.Draw(ink)
     left, top, _, _ = draw.textbbox((0, 0), text, font=font)
     pad = max(1, getattr(font, "size", 10) // 5)
-    draw.text((box[0] + pad - left, box[1] + pad - top), text, font=font, fill=(255, 255, 255))
-    return out
+    draw.text((box[0] + pad - left, box[1] + pad - top), text, font=font, fill=255)
+    white = 65535 if img.mode == "I;16" else 255
+    arr = np.asarray(img).copy()
+    x0, y0, x1, y1 = box
+    cover = np.asarray(ink, dtype=np.float64)[y0:y1, x0:x1] / 255.0
+    if arr.ndim == 3:
+        cover = cover[..., None]
+    arr[y0:y1, x0:x1] = np.round(cover * white).astype(arr.dtype)
+    return Image.fromarray(arr) if img.mode == "I;16" else Image.fromarray(arr, mode=img.mode)
 
 
 def mean_image(frames: list[Image.Image]) -> Image.Image:

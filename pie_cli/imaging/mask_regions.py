@@ -1,9 +1,11 @@
 """Building masks from regions (``pie mask``) and describing them (``pie mask info``).
 
 Every region is evaluated at the centres of the output pixels, mapped back into the
-original image's coordinates through the same geometry ``pie simulate`` uses (short side
-resized to R, centre crop). So a box given in original-image pixels lands exactly where
-those pixels end up in the R x R working image. Pure numpy/PIL.
+original image's coordinates through the same geometry ``pie simulate`` uses
+(``imaging.geometry.fit_geometry``: ``--fit crop`` resizes the short side to R and crops the
+centre, ``pad`` letterboxes, ``native`` keeps the aspect; ``--full-res`` is the image's own
+pixels). So a box given in original-image pixels lands exactly where those pixels end up in
+the frames. Pure numpy/PIL.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from PIL import Image
 
 from pie_cli.errors import UserError
 from pie_cli.imaging.auto_masks import HeuristicFailed, auto_mask
-from pie_cli.imaging.geometry import resolution_problem, square_geometry
-from pie_cli.imaging.masks import latent_mask, mask_to_grey
-from pie_cli.imaging.media import MASK_RESAMPLE, fit_square, prepare_image
+from pie_cli.imaging.geometry import FIT_CHOICES, Geometry, fit_geometry, fit_problem, resolution_problem
+from pie_cli.imaging.masks import latent_mask, mask_in_frame, mask_to_grey
+from pie_cli.imaging.media import MASK_RESAMPLE, frame_image
 from pie_cli.imaging.morphology import (
     component_sizes,
     dilate,
@@ -54,6 +56,17 @@ class MaskSpec:
     fill_holes: bool = False
     feather: int = 0
     invert: bool = False
+    fit: str = "crop"  # the frames' geometry (as `pie simulate --fit`)
+    full_res: bool = False  # the image's own size (for `pie simulate --full-res`)
+
+    def geometry(self, image_size: tuple[int, int]) -> Geometry:
+        """The geometry of the mask written for an image of ``image_size``: the frames' own."""
+        if self.full_res:
+            return Geometry("full-res", image_size, image_size, (0, 0), image_size)
+        problem = fit_problem(image_size, self.resolution, self.fit)
+        if problem is not None:
+            raise UserError(f"--fit {problem}.")
+        return fit_geometry(image_size, self.resolution, self.fit)
 
     def check(self) -> None:
         """A ``UserError`` naming the first option out of range (before any image is read)."""
@@ -78,6 +91,8 @@ class MaskSpec:
             raise UserError(f"--level must be in (0, 1], got {self.level:g}.")
         if self.label is not None and not self.from_masks:
             raise UserError("--label picks a label of a --from label map; give --from MASK too.")
+        if self.fit not in FIT_CHOICES:
+            raise UserError(f"--fit must be one of {', '.join(FIT_CHOICES)}, got {self.fit!r}.")
         if self.label is not None and not 1 <= self.label <= 65535:
             raise UserError(f"--label must be a label value from 1 to 65535, got {self.label}.")
 
@@ -136,13 +151,19 @@ def parse_threshold(text: str) -> tuple[float, float]:
 # --------------------------------------------------------------------------- geometry
 
 
-def pixel_centres(image_size: tuple[int, int], resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Original-image coordinates (X, Y) of the centres of the R x R working pixels."""
-    w, h = image_size
-    (rw, rh), (left, top, _, _) = square_geometry(image_size, resolution)
-    cols = (np.arange(resolution) + 0.5 + left) * (w / rw)
-    rows = (np.arange(resolution) + 0.5 + top) * (h / rh)
+def pixel_centres(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Original-image coordinates (X, Y) of the centres of a frame's pixels under ``geometry``."""
+    w, h = geometry.source
+    (rw, rh), (ox, oy) = geometry.resized, geometry.offset
+    left, top, right, bottom = geometry.content
+    cols = (np.arange(left, right) + 0.5 - ox) * (w / rw)
+    rows = (np.arange(top, bottom) + 0.5 - oy) * (h / rh)
     return np.meshgrid(cols, rows)
+
+
+def working_grey(image: Image.Image, geometry: Geometry) -> np.ndarray:
+    """The image as a frame shows it, in 8-bit grey (what --threshold, --otsu and --auto look at)."""
+    return np.asarray(frame_image(image, geometry).convert("L"))
 
 
 def _check_overlap(
@@ -195,15 +216,15 @@ def from_mask_region(
     Returns the region and a note when the mask had to be stretched to the image's aspect ratio.
     """
     grey = mask_to_grey(img, path, spec.label)
-    r = spec.resolution
+    geometry = spec.geometry(image_size)
     note = None
     if grey.size == image_size:
-        grey = fit_square(grey, r, resample=MASK_RESAMPLE)
-    elif grey.size != (r, r):
+        grey = mask_in_frame(grey, geometry)
+    elif grey.size != geometry.frame_size:
         (gw, gh), (iw, ih) = grey.size, image_size
         if abs(gw / gh - iw / ih) > 0.01 * (iw / ih):
             note = f"--from {path} is {gw}x{gh}, another aspect ratio than the image's {iw}x{ih}; it was stretched."
-        grey = fit_square(grey.resize(image_size, MASK_RESAMPLE), r, resample=MASK_RESAMPLE)
+        grey = mask_in_frame(grey.resize(image_size, MASK_RESAMPLE), geometry)
     return np.asarray(grey, dtype=np.float64) / 255.0 >= spec.level, note
 
 
@@ -213,12 +234,13 @@ def from_mask_region(
 def build_mask(
     image: Image.Image, spec: MaskSpec, from_images: dict[Path, Image.Image] | None = None
 ) -> tuple[np.ndarray, list[str]]:
-    """The R x R uint8 mask (255 = edit) for ``image`` (original, any size) and ``spec``, plus notes."""
+    """The uint8 mask (255 = edit) in the frames' geometry for ``image`` (original, any size) and ``spec``,
+    plus notes (R x R with ``--fit crop``)."""
     notes: list[str] = []
     size = image.size
-    r = spec.resolution
-    X, Y = pixel_centres(size, r)
-    region = np.zeros((r, r), dtype=bool)
+    geometry = spec.geometry(size)
+    X, Y = pixel_centres(geometry)
+    region = np.zeros(X.shape, dtype=bool)
     for text in spec.boxes:
         region |= box_region(text, size, X, Y)
     for text in spec.ellipses:
@@ -231,8 +253,8 @@ def build_mask(
         if note:
             notes.append(note)
 
-    gray = np.asarray(prepare_image(image, r).convert("L"))
-    intensity = np.zeros((r, r), dtype=bool)
+    gray = working_grey(image, geometry)
+    intensity = np.zeros(X.shape, dtype=bool)
     for text in spec.thresholds:
         low, high = parse_threshold(text)
         intensity |= (gray >= low) & (gray <= high)
@@ -254,7 +276,7 @@ def build_mask(
             ) from None
 
     # No two pixels are further apart than the diagonal: larger radii give the same result, slower.
-    reach = int(np.ceil(r * np.sqrt(2))) + 1
+    reach = int(np.ceil(max(X.shape) * np.sqrt(2))) + 1
     if spec.dilate:
         region = dilate(region, min(spec.dilate, reach))
     if spec.erode:
@@ -275,9 +297,9 @@ def _feather(region: np.ndarray, radius: int, reach: int) -> np.ndarray:
     return np.where(region, np.minimum(depth / radius, 1.0), 0.0)
 
 
-def preview(image: Image.Image, mask: np.ndarray, resolution: int) -> Image.Image:
-    """The working image with the mask tinted red (by strength) and outlined in yellow."""
-    rgb = np.asarray(prepare_image(image, resolution), dtype=np.float64)
+def preview(image: Image.Image, mask: np.ndarray, geometry: Geometry) -> Image.Image:
+    """Frame 0 with the mask tinted red (by strength) and outlined in yellow."""
+    rgb = np.asarray(frame_image(image, geometry), dtype=np.float64)
     strength = (mask.astype(np.float64) / 255.0)[..., None] * 0.45
     tint = np.array([255.0, 40.0, 40.0])
     out = rgb * (1 - strength) + tint * strength
@@ -294,6 +316,7 @@ def describe(
     image: Image.Image | None = None,
     resolution: int = 512,
     latent_factor: int = 8,
+    fit: str = "crop",
 ) -> dict:
     """Coverage, bounding box, components, binary/soft, how it was read, and warnings, for ``pie mask info``."""
     from pie_cli.imaging.masks import read_mask
@@ -337,10 +360,53 @@ def describe(
             f"the mask covers {100 * on.mean():.1f}% of the image (> 90%): little stays the patient's own."
         )
     if image is not None:
-        info["image"] = {"size": list(image.size), "resolution": resolution}
-        if (w, h) not in (image.size, (resolution, resolution)):
+        info["image"] = {"size": list(image.size), "resolution": resolution, "fit": fit}
+        frame = MaskSpec(resolution=resolution, fit=fit).geometry(image.size).frame_size
+        if (w, h) not in (image.size, frame):
+            how = "`pie mask`" if fit == "crop" else f"`pie mask --fit {fit}`"
             info["warnings"].append(
                 f"the mask is {w}x{h} but the image is {image.size[0]}x{image.size[1]} and the working size "
-                f"{resolution}x{resolution}: pie simulate would refuse it (remake it with `pie mask`)."
+                f"{frame[0]}x{frame[1]}{'' if fit == 'crop' else f' at --fit {fit}'}: pie simulate would refuse it "
+                f"(remake it with {how})."
             )
     return info
+
+
+def lost_to_crop(
+    image: Image.Image, spec: MaskSpec, from_images: dict[Path, Image.Image] | None = None
+) -> np.ndarray | None:
+    """With ``--fit crop``: the drawn regions (boxes, ellipses, polygons, --from) over the *whole* image,
+    at the image's size, so :func:`~pie_cli.imaging.masks.crop_warning` can count what the crop cuts.
+
+    Evaluated on a grid covering the whole image (the ``pad`` geometry at R) and brought to the image's
+    size; None when the fit is not ``crop`` or there are no drawn regions.
+    """
+    if (
+        spec.full_res
+        or spec.fit != "crop"
+        or not (spec.boxes or spec.ellipses or spec.polygons or spec.from_masks)
+    ):
+        return None
+    whole = MaskSpec(
+        resolution=spec.resolution,
+        boxes=spec.boxes,
+        ellipses=spec.ellipses,
+        polygons=spec.polygons,
+        from_masks=spec.from_masks,
+        level=spec.level,
+        label=spec.label,
+        fit="pad",
+    )
+    geometry = whole.geometry(image.size)
+    X, Y = pixel_centres(geometry)
+    region = np.zeros(X.shape, dtype=bool)
+    for text in whole.boxes:
+        region |= box_region(text, image.size, X, Y)
+    for text in whole.ellipses:
+        region |= ellipse_region(text, image.size, X, Y)
+    for text in whole.polygons:
+        region |= polygon_region(text, image.size, X, Y)
+    for path in whole.from_masks:
+        region |= from_mask_region((from_images or {})[path], path, image.size, whole)[0]
+    small = Image.fromarray(np.where(region, 255, 0).astype(np.uint8), mode="L")
+    return np.asarray(small.resize(image.size, Image.Resampling.NEAREST))

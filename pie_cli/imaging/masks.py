@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from pie_cli.errors import UserError
-from pie_cli.imaging.geometry import MIN_IMAGE_SIDE
-from pie_cli.imaging.media import MASK_RESAMPLE, SIXTEEN_BIT_MODES, fit_square
+from pie_cli.imaging.geometry import CROP_WARN_FRACTION, MIN_IMAGE_SIDE, Geometry, fit_geometry
+from pie_cli.imaging.media import MASK_RESAMPLE, SIXTEEN_BIT_MODES, fit_to, frame_of
 
 # A mask with one non-zero value at most this large is a label map (a segmentation tool's ids), not a
 # faint partial-strength mask: {0, 1} and {0, 2} are regions; {0, 200} is 200/255 edit strength.
@@ -141,26 +141,69 @@ def interpretation_of(mask: Image.Image) -> str | None:
 
 
 def prepare_mask(
-    img: Image.Image, image_size: tuple[int, int], resolution: int, path: Path | str = "mask"
+    img: Image.Image,
+    image_size: tuple[int, int],
+    resolution: int,
+    path: Path | str = "mask",
+    fit: str = "crop",
 ) -> Image.Image:
-    """Bring a mask to the resolution x resolution geometry of its image ("L", 0..255).
+    """Bring a mask to the frame geometry of its image under ``fit`` ("L", 0..255; see ``geometry``).
 
-    The mask must be either the original image's size (it is then resized and
-    centre-cropped exactly like the image) or already resolution x resolution (for
-    example made by ``pie mask``). Anything else is refused: a mask of another size
-    would be stretched onto the wrong anatomy. An all-black mask is legal here (it
-    edits nothing); commands refuse it with :func:`require_nonempty`.
+    The mask must be either the original image's size (it is then resized and cropped or
+    padded exactly like the image) or already the frame's size (for example made by
+    ``pie mask --fit`` with the same fit: R x R for ``crop``). Anything else is refused: a mask
+    of another size would be stretched onto the wrong anatomy. An all-black mask is legal here
+    (it edits nothing); commands refuse it with :func:`require_nonempty`.
     """
     grey = mask_to_grey(img, path)
+    geometry = fit_geometry(image_size, resolution, fit)
     if grey.size == image_size:
-        return fit_square(grey, resolution, resample=MASK_RESAMPLE)
-    if grey.size == (resolution, resolution):
+        return mask_in_frame(grey, geometry)
+    fw, fh = geometry.frame_size
+    if grey.size == (fw, fh):
         return grey
     w, h = grey.size
     iw, ih = image_size
+    how = f"`pie mask --fit {fit}`" if fit != "crop" else "`pie mask`"
+    fitted = f" at --fit {fit}" if fit != "crop" else ""
     raise UserError(
         f"mask {path} is {w}x{h} but the image is {iw}x{ih}; "
-        f"a mask must have the image's size or the working size {resolution}x{resolution} (see `pie mask`)."
+        f"a mask must have the image's size or the working size {fw}x{fh}{fitted} (see {how})."
+    )
+
+
+def mask_in_frame(grey: Image.Image, geometry: Geometry) -> Image.Image:
+    """A grey mask of the image's size in the frame geometry (padding is never edited: 0)."""
+    return frame_of(fit_to(grey, geometry, MASK_RESAMPLE, fill=0), geometry)
+
+
+def crop_warning(geometry: Geometry, what: str, mask: Image.Image | np.ndarray | None = None) -> str | None:
+    """A warning when ``--fit crop`` cuts away more than 5 % of the image, or any pixel of ``mask``
+    (a mask of the image's own size); None otherwise."""
+    if geometry.fit != "crop":
+        return None
+    cut = geometry.cut_fraction()
+    lost = 0
+    if mask is not None:
+        arr = np.asarray(mask)
+        if arr.shape == (geometry.source[1], geometry.source[0]):
+            left, top, right, bottom = geometry.source_box()
+            kept = np.zeros(arr.shape, dtype=bool)
+            kept[
+                int(np.ceil(top - 1e-9)) : int(np.floor(bottom + 1e-9)),
+                int(np.ceil(left - 1e-9)) : int(np.floor(right + 1e-9)),
+            ] = True
+            lost = int(((arr > 0) & ~kept).sum())
+    if cut <= CROP_WARN_FRACTION and not lost:
+        return None
+    sw, sh = geometry.source
+    side = "top and bottom" if sh > sw else "left and right sides"
+    parts = [f"--fit crop cuts away {100 * cut:.1f}% of {what} ({sw}x{sh}: its {side})"]
+    if lost:
+        parts.append(f"about {lost} pixels of its mask")
+    return (
+        " and ".join(parts)
+        + "; --fit pad or --fit native keeps the whole field of view (the default crop is the original method's)."
     )
 
 

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pie_cli.errors import UserError
 from pie_cli.imaging.files import require_regular_file
-from pie_cli.imaging.geometry import square_geometry
+from pie_cli.imaging.geometry import Geometry, fit_geometry, square_geometry
 
 # Images are resized with Lanczos to the working resolution, for inference and for training alike:
 # the sharpest of PIL's filters, what a reader of a medical image expects, and diffusers' training default.
@@ -198,9 +198,44 @@ def fit_square(img: Image.Image, resolution: int, resample: Image.Resampling = I
     return img
 
 
-def prepare_image(img: Image.Image, resolution: int) -> Image.Image:
-    """The frame-0 image pie works on: 8-bit RGB, resolution x resolution."""
-    return fit_square(to_rgb8(img), resolution)
+def fit_to(
+    img: Image.Image, geometry: Geometry, resample: Image.Resampling = IMAGE_RESAMPLE, fill: int = 0
+) -> Image.Image:
+    """``img`` (of ``geometry.source`` size) on the model's canvas: resized, then cropped or padded with ``fill``."""
+    if img.size != geometry.source:
+        raise ValueError(f"image is {img.size}, the geometry is for {geometry.source}")
+    if img.size != geometry.resized:
+        img = img.resize(geometry.resized, resample=resample)
+    (ox, oy), (cw, ch) = geometry.offset, geometry.canvas
+    if ox <= 0 and oy <= 0 and img.size[0] + ox >= cw and img.size[1] + oy >= ch:
+        return img if img.size == (cw, ch) else img.crop((-ox, -oy, cw - ox, ch - oy))
+    canvas = Image.new(img.mode, (cw, ch), fill)
+    canvas.paste(img, (ox, oy))
+    return canvas
+
+
+def frame_of(canvas: Image.Image, geometry: Geometry) -> Image.Image:
+    """A frame as pie writes it: the canvas without its padding (the canvas itself unless ``--fit pad``)."""
+    return canvas.crop(geometry.content) if geometry.padded else canvas
+
+
+def onto_canvas(frame: Image.Image, background: Image.Image, geometry: Geometry) -> Image.Image:
+    """The inverse of :func:`frame_of`: ``frame`` placed on ``background``'s padding (frame 0's canvas)."""
+    if not geometry.padded:
+        return frame
+    canvas = background.copy()
+    canvas.paste(frame, geometry.content[:2])
+    return canvas
+
+
+def frame_image(img: Image.Image, geometry: Geometry) -> Image.Image:
+    """Frame 0 as written for ``img`` under ``geometry``: 8-bit RGB, without padding."""
+    return frame_of(fit_to(to_rgb8(img), geometry), geometry)
+
+
+def prepare_image(img: Image.Image, resolution: int, fit: str = "crop") -> Image.Image:
+    """The frame-0 canvas pie works on: 8-bit RGB in the geometry of ``fit`` (R x R unless ``native``)."""
+    return fit_to(to_rgb8(img), fit_geometry(img.size, resolution, fit))
 
 
 def require_opaque(img: Image.Image, path: Path | str, what: str = "image") -> None:

@@ -114,6 +114,7 @@ def build(
     placement: dict[str, Any],
     environment: dict[str, Any],
     steps: int,
+    geometry: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A new simulate manifest, before its first frame (the writer adds status, frames and run id)."""
     from pie_cli import __version__
@@ -127,6 +128,7 @@ def build(
         "run": run,
         "scheduler": scheduler,
         "inputs": inputs,
+        "geometry": geometry,
         "placement": placement,
         "environment": environment,
         "outputs": {"frames": [frame_name(0), frame_name(steps)]},

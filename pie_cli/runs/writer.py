@@ -46,6 +46,11 @@ from pie_cli.runs.manifest import (
     trajectory_dir,
 )
 
+# The clean original of a watermarked --full-res run, in .resume/ until the run completes.
+ORIGINAL = "original.png"
+# progression.gif of a --full-res run is a preview: at most this many pixels on its long side.
+GIF_SIDE = 1024
+
 
 class RunWriter:
     """Writes one run directory as frames arrive.
@@ -72,6 +77,9 @@ class RunWriter:
         self.ledger = ledger if ledger is not None else Ledger(self.path)  # the top folder's, shared
         self.run_id = manifest.setdefault("run_id", run_id(manifest))
         self._unrecorded: Path | None = None  # a frame saved whose manifest entry is not written yet
+        # The progression's own frames are kept in .resume/ until the run completes when the frames on
+        # disk differ from them (a watermark, --full-res): a resume goes on from those.
+        self.keep_clean = watermark is not None
 
     def open(self, overwrite: bool = False, will_write: Callable[[str], bool] | None = None) -> None:
         """Create (or claim) the folder and start the manifest.
@@ -160,12 +168,23 @@ class RunWriter:
         seconds: float,
         rng_states: list[Any] | None = None,
         pace: dict[str, Any] | None = None,
+        shown: Image.Image | None = None,
     ) -> None:
-        """Frame ``n`` (atomically), then the manifest that makes it count, with the RNG states after it."""
+        """Frame ``n`` (atomically), then the manifest that makes it count, with the RNG states after it.
+
+        ``image`` is the progression's frame; ``shown`` what the folder shows instead (``--full-res``'s
+        frame at the original's size), watermarked if the run burns one in.
+        """
         name = frame_name(n)
-        shown = image
+        if shown is not None and self.watermark is not None and n == 0:
+            # --full-res with a watermark: frame 0 on disk is the labelled original; a resume needs it clean.
+            (self.path / RESUME_DIR).mkdir(exist_ok=True)
+            save_png(shown, self.path / RESUME_DIR / ORIGINAL, self.run_id)
+            self.ledger.record(self.path / RESUME_DIR / ORIGINAL, save=False)
+        shown = image if shown is None else shown
         if self.watermark is not None:
-            shown = self.watermark(image)
+            shown = self.watermark(shown)
+        if self.keep_clean:
             clean = self.path / RESUME_DIR
             clean.mkdir(exist_ok=True)
             save_png(image, clean / name, self.run_id)
@@ -187,23 +206,27 @@ class RunWriter:
             self.manifest["rng_states"] = [encode_state(s) for s in rng_states]
         self.write_manifest()
         self._unrecorded = None
-        if self.watermark is not None and n > 2:
+        if self.keep_clean and n > 2:
             # Keep frame 0 and the last two: with trajectories, step n-1 may be the last whole one.
             stale = self.path / RESUME_DIR / frame_name(n - 2)
             if stale.exists():
                 stale.unlink()
                 self.ledger.forget(self._rel(stale))
 
-    def clean_frame(self, n: int) -> Path:
-        """The file holding frame ``n`` as the progression produced it (without a watermark)."""
-        clean = self.path / RESUME_DIR / frame_name(n)
-        return clean if clean.exists() else self.path / frame_name(n)
+    def written_frames(self, steps: int) -> list[Image.Image]:
+        """Frames 0..steps as this folder shows them, in 8-bit RGB for the GIF and spread maps."""
+        from pie_cli.imaging.media import open_image, to_rgb8
+
+        return [to_rgb8(open_image(self.path / frame_name(n), "frame")) for n in range(steps + 1)]
 
     def write_gif(self, frames: list[Image.Image]) -> None:
+        """progression.gif of the frames as shown (at most GIF_SIDE px on the long side)."""
         from pie_cli.imaging.animation import ExportOptions, write
 
-        if self.watermark is not None:
-            frames = [self.watermark(f) for f in frames]
+        longest = max(frames[0].size)
+        if longest > GIF_SIDE:
+            size = tuple(max(1, round(side * GIF_SIDE / longest)) for side in frames[0].size)
+            frames = [f.resize(size, Image.Resampling.LANCZOS) for f in frames]
         write(frames, self.path / GIF, ExportOptions(), run_id=self.run_id)
         self._wrote(self.path / GIF)
         self.manifest["outputs"]["gif"] = GIF
@@ -318,11 +341,19 @@ class CaseRun:
             for writer in self.everyone:
                 writer.write_mask(mask)
 
-    def reopen(self, step: int) -> list[list[Image.Image]]:
-        """Continue after whole step ``step``; returns each trajectory's clean frames 0..step."""
+    def reopen(self, step: int) -> None:
+        """Continue after whole step ``step``."""
         for writer in self.everyone:
             writer.reopen(step)
-        return [[_open_frame(w.clean_frame(n)) for n in range(step + 1)] for w in self.trajectories]
+
+    def keep_clean(self) -> None:
+        """Keep the progression's frames in .resume/ (the frames on disk are not them)."""
+        for writer in self.trajectories:
+            writer.keep_clean = True
+
+    def written_frames(self, steps: int) -> list[list[Image.Image]]:
+        """Every trajectory's frames 0..steps as on disk (8-bit RGB)."""
+        return [w.written_frames(steps) for w in self.trajectories]
 
     def write_step(
         self,
@@ -331,11 +362,15 @@ class CaseRun:
         seconds: float,
         states: list[Any],
         paces: list[dict[str, Any] | None] | None = None,
+        shown: list[Image.Image] | None = None,
     ) -> None:
         """Frame ``index`` of every trajectory, then the top manifest's progress."""
         paces = paces or [None] * len(images)
-        for writer, image, state, pace in zip(self.trajectories, images, states, paces, strict=True):
-            writer.write_frame(index, image, seconds, [state], pace)
+        shown_frames = shown or [None] * len(images)
+        for writer, image, state, pace, seen in zip(
+            self.trajectories, images, states, paces, shown_frames, strict=True
+        ):
+            writer.write_frame(index, image, seconds, [state], pace, shown=seen)
         if len(self.trajectories) > 1:
             self.top.manifest["last_complete_frame"] = index
             self.top.manifest["rng_states"] = [encode_state(s) for s in states]
@@ -366,9 +401,3 @@ class CaseRun:
             except OSError:
                 if writer.lock is not None:
                     writer.lock.release()
-
-
-def _open_frame(path: Path) -> Image.Image:
-    from pie_cli.imaging.media import open_image
-
-    return open_image(path, "frame").convert("RGB")

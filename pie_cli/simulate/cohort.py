@@ -28,7 +28,14 @@ from pie_cli.simulate.spec import COLUMNS, SCHEDULE_RECORDS, SimulateSpec, build
 PATH_COLUMNS = tuple(name for name, kind in COLUMNS.items() if kind is Path)
 # What each case was asked for and how it came out: its seed and prompt(s), and the headline measures
 # of its frames (pie_cli.evaluation.evaluate.headline: the mean over trajectories).
-HEADLINE = ("final_change_in_mask", "min_psnr_outside", "first_step_share", "steps_to_90", "spearman")
+HEADLINE = (
+    "final_change_in_mask",
+    "min_psnr_outside",
+    "max_drift_outside",
+    "first_step_share",
+    "steps_to_90",
+    "spearman",
+)
 SUMMARY_HEADER = ["case", "status", "seconds", "output", "seed", "prompts", *HEADLINE]
 LEGACY_HEADERS = (["case", "status", "seconds", "output"],)  # what earlier pie versions wrote
 Headline = Callable[[Path], dict]  # run folder -> HEADLINE values (given by the caller, e.g. the CLI)
@@ -72,7 +79,7 @@ def read_cohort(path: Path) -> list[Case]:
             if not text:
                 continue
             try:
-                value = COLUMNS[key](text)
+                value = _parse(COLUMNS[key], text)
             except ValueError:
                 raise UserError(f"--cohort {path} row {row}: {key} {text!r} is not a valid value.") from None
             if key in PATH_COLUMNS:
@@ -86,6 +93,20 @@ def read_cohort(path: Path) -> list[Case]:
     if not parsed:
         raise UserError(f"--cohort {path} has no cases.")
     return _named(parsed, path)
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _parse(kind: type, text: str) -> Any:
+    """A cell as its column's type; a yes/no column takes true/false, yes/no, 1/0 or on/off (never bool("false"))."""
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(text)
+    return kind(text)
 
 
 def _inside_out(out: str, cohort: Path, row: int) -> str:

@@ -23,6 +23,7 @@ from pie_cli.simulate.run import (
     ScoreLoader,
     SimulateResult,
     check_against_model,
+    fit_inputs,
     load_model,
     make_pace,
     run_case,
@@ -70,11 +71,11 @@ def plan_resume(
     from pie_cli.core.model_files import resolve_unet_path
     from pie_cli.core.progression import ResumePoint
     from pie_cli.core.registry import parse_lora, resolve, source_fingerprint
-    from pie_cli.imaging.masks import prepare_mask
     from pie_cli.imaging.media import open_image
     from pie_cli.runs import manifest as runs_manifest
     from pie_cli.runs.locks import check_not_locked
     from pie_cli.runs.manifest import MANIFEST, MASK, RESUME_DIR, decode_state, file_sha256, frame_name
+    from pie_cli.runs.writer import ORIGINAL
 
     out = Path(out)
     path = out / MANIFEST
@@ -167,11 +168,13 @@ def plan_resume(
         clean = sub / RESUME_DIR / frame_name(step)
         frames.append(_open_frame(clean if clean.exists() else sub / frame_name(step)))
     first = subs[0] / RESUME_DIR / frame_name(0)
-    image = _open_frame(first if first.exists() else subs[0] / frame_name(0))
-
-    mask = None
-    if spec.mask is not None:
-        mask = prepare_mask(open_image(spec.mask, "mask"), image.size, spec.resolution, spec.mask)
+    if spec.full_res:  # frame 0 on disk is the original at its size and depth; the window is cut again
+        original = subs[0] / RESUME_DIR / ORIGINAL  # kept clean when frame 0 carries a watermark
+        image = open_image(original if original.exists() else subs[0] / frame_name(0), "frame")
+    else:
+        image = _open_frame(first if first.exists() else subs[0] / frame_name(0))
+    raw_mask = open_image(spec.mask, "mask") if spec.mask is not None else None
+    image, mask, full, _ = fit_inputs(spec, config, image, raw_mask)
     adapters = tuple(parse_lora(s) for s in spec.lora)
     unet_path = resolve_unet_path(spec.unet) if spec.unet else None
     source = resolve(spec.model).with_overrides(unet=unet_path, loras=adapters)
@@ -184,7 +187,7 @@ def plan_resume(
     from pie_cli.core.model_files import check_weights
 
     check_weights(source, spec.allow_pickle)  # a pickle opens only when this command says --allow-pickle
-    inputs = Inputs(config, image, mask, source, unet_path, adapters)
+    inputs = Inputs(config, image, mask, source, unet_path, adapters, full)
     return spec, inputs, Resume(ResumePoint(step, frames, states), manifests)
 
 

@@ -35,12 +35,33 @@ ScoreLoader = Callable[
 class Inputs:
     """What a case reads before any model is loaded."""
 
-    config: PieConfig
-    image: Image.Image
-    mask: Image.Image | None  # the prepared R x R mask
+    config: PieConfig  # as given (recorded); the progression runs ``core_config``
+    image: Image.Image  # what the progression edits: the image, or --full-res's window of it
+    mask: Image.Image | None  # the prepared mask in the frame geometry (of the window with --full-res)
     source: ModelSource  # the model, with --unet and --lora merged in
     unet: Path | None  # --unet as resolved (recorded, so --resume rebuilds the same model)
     adapters: tuple[Adapter, ...]  # --lora as parsed (likewise)
+    full: Any = None  # imaging.compose.FullRes with --full-res
+    notes: tuple[str, ...] = ()  # warnings about the inputs (a crop that cuts the film), reported by the run
+
+    @property
+    def core_config(self) -> PieConfig:
+        """The progression's parameters: with --full-res, the feather in working pixels."""
+        if self.full is None or not self.config.preserve_outside:
+            return self.config
+        from dataclasses import replace
+
+        return replace(self.config, preserve_feather=self.full.working_feather())
+
+    @property
+    def saved_mask(self) -> Image.Image | None:
+        """The run's mask.png: in the frames' geometry (the original's size with --full-res)."""
+        return self.full.mask if self.full is not None else self.mask
+
+    def geometry(self) -> Any:
+        from pie_cli.imaging.geometry import fit_geometry
+
+        return fit_geometry(self.image.size, self.config.resolution, self.config.fit)
 
 
 @dataclass(frozen=True)
@@ -68,7 +89,7 @@ def prepare_inputs(spec: SimulateSpec) -> Inputs:
     """Check everything cheaply and read the image and mask; nothing is loaded or created."""
     from pie_cli.core.model_files import check_weights, resolve_unet_path
     from pie_cli.core.registry import parse_lora, resolve
-    from pie_cli.imaging.masks import prepare_mask, require_image_size, require_nonempty
+    from pie_cli.imaging.masks import require_image_size
     from pie_cli.imaging.media import open_image, require_opaque
 
     config = build_config(spec)
@@ -77,17 +98,65 @@ def prepare_inputs(spec: SimulateSpec) -> Inputs:
     image = open_image(spec.image, "image")
     require_image_size(image, spec.image)
     require_opaque(image, spec.image)
-    mask = None
-    if spec.mask is not None:
-        raw_mask = open_image(spec.mask, "mask")
-        mask = prepare_mask(raw_mask, image.size, spec.resolution, spec.mask)
-        require_nonempty(mask, raw_mask, spec.resolution, spec.mask)
+    raw_mask = open_image(spec.mask, "mask") if spec.mask is not None else None
+    image, mask, full, notes = fit_inputs(spec, config, image, raw_mask)
     adapters = tuple(parse_lora(s) for s in spec.lora)
     unet = resolve_unet_path(spec.unet) if spec.unet is not None else None
     source = resolve(spec.model).with_overrides(unet=unet, loras=adapters)
     check_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is loaded
     check_output(spec, source)
-    return Inputs(config, image, mask, source, unet, adapters)
+    return Inputs(config, image, mask, source, unet, adapters, full, notes)
+
+
+def fit_inputs(
+    spec: SimulateSpec, config: PieConfig, image: Image.Image, raw_mask: Image.Image | None
+) -> tuple[Image.Image, Image.Image | None, Any, tuple[str, ...]]:
+    """(what the progression edits, its mask in the frame geometry, the --full-res plan, warnings).
+
+    The one place a case's geometry is decided (``--fit``, ``--full-res``), for fresh and resumed runs.
+    """
+    from pie_cli.imaging.geometry import fit_geometry, fit_problem
+    from pie_cli.imaging.masks import crop_warning, mask_to_grey, prepare_mask, require_nonempty
+
+    what = f"image {spec.image}"
+    full = None
+    if spec.full_res and raw_mask is not None:
+        from pie_cli.imaging.compose import plan_full_res
+
+        grey = mask_to_grey(raw_mask, spec.mask)
+        if grey.size != image.size:
+            (mw, mh), (iw, ih) = grey.size, image.size
+            raise UserError(
+                f"--full-res needs a mask of the image's own size {iw}x{ih}; mask {spec.mask} is {mw}x{mh} "
+                f"(make one with `pie mask IMAGE --full-res ...`)."
+            )
+        if not (grey.getextrema()[1] > 0):
+            raise UserError(f"mask {spec.mask} is empty (no white pixels); white marks the region to edit.")
+        full = plan_full_res(
+            image,
+            grey,
+            spec.resolution,
+            config.fit,
+            spec.full_res_margin,
+            config.preserve_feather,
+            config.preserve_outside,
+        )
+        image, raw_mask, what = (
+            full.window_image(),
+            full.window_mask(),
+            f"the --full-res window of {spec.image}",
+        )
+    problem = fit_problem(image.size, spec.resolution, config.fit)
+    if problem is not None:
+        raise UserError(f"--fit {problem}.")
+    geometry = fit_geometry(image.size, spec.resolution, config.fit)
+    mask = None
+    if raw_mask is not None:
+        mask = prepare_mask(raw_mask, image.size, spec.resolution, spec.mask, fit=config.fit)
+        require_nonempty(mask, raw_mask, spec.resolution, spec.mask)
+    same_size = raw_mask is not None and raw_mask.size == image.size
+    warning = crop_warning(geometry, what, mask_to_grey(raw_mask, spec.mask) if same_size else None)
+    return image, mask, full, (warning,) if warning else ()
 
 
 def output_files(spec: SimulateSpec) -> Callable[[str], bool]:
@@ -147,13 +216,23 @@ def check_against_model(spec: SimulateSpec, inputs: Inputs, components: Any, rep
     """What can only be checked once the model is known: its VAE factor and its tokenizer's length."""
     from pie_cli.core.progression import count_prompt_tokens
     from pie_cli.imaging.masks import latent_mask
+    from pie_cli.imaging.media import onto_canvas
 
     factor = components.vae_scale_factor
     if spec.resolution % factor:
         raise UserError(
             f"--resolution {spec.resolution} is not a multiple of this model's VAE factor {factor}."
         )
-    if inputs.mask is not None and latent_mask(inputs.mask, factor).max() == 0:
+    geometry = inputs.geometry()
+    if any(side % factor for side in geometry.canvas):
+        w, h = geometry.canvas
+        raise UserError(
+            f"--fit {geometry.fit} works at {w}x{h}, not a multiple of this model's VAE factor {factor}; use --fit pad."
+        )
+    canvas_mask = (
+        onto_canvas(inputs.mask, Image.new("L", geometry.canvas, 0), geometry) if inputs.mask else None
+    )
+    if canvas_mask is not None and latent_mask(canvas_mask, factor).max() == 0:
         raise UserError(
             f"mask {spec.mask} is too thin to reach any {factor}x{factor} latent cell at --resolution "
             f"{spec.resolution}; dilate it (e.g. `pie mask --dilate`)."
@@ -200,6 +279,8 @@ def run(
     from pie_cli.signals import terminate_as_interrupt
 
     inputs = prepare_inputs(spec)
+    for note in inputs.notes:
+        reporter.warn(note)
     pace = make_pace(spec, score_loader)
     with terminate_as_interrupt():
         components, placement = load_model(spec, inputs, reporter)
@@ -237,13 +318,15 @@ def run_case(
         if pace is not None:
             manifest["pace"] = pace[1]
         case = CaseRun.new(spec.out, manifest, seeds, watermark=mark, warn=reporter.warn)
-        case.open(spec.overwrite, inputs.mask, output_files(spec))
-        history: list[list[Image.Image]] = [[] for _ in seeds]
+        case.open(spec.overwrite, inputs.saved_mask, output_files(spec))
         last_step = -1
     else:
         case = CaseRun.continued(spec.out, resume.manifests, watermark=mark, warn=reporter.warn)
-        history = case.reopen(resume.point.step)
+        case.reopen(resume.point.step)
         last_step = resume.point.step
+    full = inputs.full
+    if full is not None:
+        case.keep_clean()  # frames on disk are full size: the working frames go on from .resume/
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     started = time.perf_counter()
     try:
@@ -254,29 +337,33 @@ def run_case(
             components,
             inputs.image,
             inputs.mask,
-            inputs.config,
+            inputs.core_config,
             generators=generators,
             on_denoise=reporter.inner,
             resume=resume.point if resume is not None else None,
             pace=pace[0] if pace is not None else None,
         ):
             index = frames[0].index
+            shown = None
+            if full is not None:  # frame 0 is the original itself; later frames are pasted into it
+                shown = [full.base if index == 0 else full.frame(f.image) for f in frames]
             case.write_step(
                 index,
                 [f.image for f in frames],
                 frames[0].seconds,
                 [g.get_state() for g in generators],
                 paces=[f.pace for f in frames],
+                shown=shown,
             )
-            for past, frame in zip(history, frames, strict=True):
-                past.append(frame.image)
             last_step = index
             if index > 0:
                 reporter.advance(index, frames[0].seconds)
-        if spec.gif:
-            case.write_gifs(history)
-        if spec.trajectories > 1:
-            case.write_spread(history)
+        if spec.gif or spec.trajectories > 1:
+            history = case.written_frames(spec.steps)  # as on disk (watermarked, full size)
+            if spec.gif:
+                case.write_gifs(history)
+            if spec.trajectories > 1:
+                case.write_spread(history)
     except KeyboardInterrupt:
         case.finish("interrupted", total_seconds=round(time.perf_counter() - started, 3))
         done = f"frames 0..{last_step} are kept" if last_step >= 0 else "no frame was finished"
@@ -327,7 +414,13 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
             "timesteps": timesteps,
             "unet_calls_per_step": len(timesteps),
         },
-        inputs=manifest.input_record(spec.image, inputs.image, spec.mask, inputs.mask),
+        inputs=manifest.input_record(
+            spec.image, inputs.full.base if inputs.full is not None else inputs.image, spec.mask, inputs.mask
+        ),
+        geometry={
+            **inputs.geometry().describe(),
+            "full_res": inputs.full.describe() if inputs.full is not None else None,
+        },
         placement=placement.describe(),
         environment=manifest.environment(placement.device.type, placement.device),
         steps=spec.steps,

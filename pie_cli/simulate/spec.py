@@ -63,6 +63,9 @@ class SimulateSpec:
     classifier: str | None = None  # "demo", a classifier folder or file (what --pace follows)
     target: str | None = None  # the classifier's label; default: the one the prompt names
     pace_candidates: str | None = None  # the b2 values tried each step; default PACE_CANDIDATES
+    # --full-res: frames at the input's size; a window around the mask (margin in image pixels) is edited.
+    full_res: bool = False
+    full_res_margin: int | None = None
 
     @property
     def steps(self) -> int:
@@ -99,6 +102,8 @@ RUN_PARAMETERS = (
     "compile",
     "watermark",
     *PACE_OPTIONS,
+    "full_res",
+    "full_res_margin",
 )
 PACE_CANDIDATES = "0:1"  # b2 = 0, 0.05, ..., 1: 21 candidates
 RECORDED = ("prompt", *TUNABLE, *RUN_PARAMETERS)
@@ -138,6 +143,8 @@ COLUMNS: dict[str, type] = {
     "scheduler": str,
     "trajectories": int,
     **{name: value_type(name) for name in SCHEDULES},
+    "full_res": bool,
+    "full_res_margin": int,
 }
 
 
@@ -200,6 +207,19 @@ def build_config(
         raise UserError(f"--{name.replace('_', '-')} {problem}.")
     if config.mask_growth and spec.mask is None and spec.image is not None:
         raise UserError("--mask-growth grows the mask over the steps: give --mask too.")
+    if config.preserve_feather is not None and not config.preserve_outside:
+        raise UserError(
+            "--preserve-feather is the width of --preserve-outside's blend: give --preserve-outside too."
+        )
+    if config.preserve_outside and spec.mask is None and spec.image is not None:
+        raise UserError("--preserve-outside keeps every pixel outside the mask: give --mask too.")
+    if spec.full_res and spec.mask is None and spec.image is not None:
+        raise UserError("--full-res edits a window around the mask: give --mask too (of the image's size).")
+    if spec.full_res_margin is not None:
+        if not spec.full_res:
+            raise UserError("--full-res-margin sets --full-res's window: give --full-res too.")
+        if spec.full_res_margin < 0:
+            raise UserError(f"--full-res-margin must be >= 0 pixels, got {spec.full_res_margin}.")
     if any(getattr(spec, name) is not None for name in PACE_OPTIONS):
         pace_plan(spec)  # checked now, before anything is loaded
     if not 0 <= spec.seed < MAX_SEED:

@@ -58,6 +58,7 @@ class TrainSpec:
     prior_loss_weight: float = 1.0
     # optimisation
     resolution: int = 512
+    fit: str = "crop"  # how an image becomes a training example: as `pie simulate --fit` (imaging.geometry)
     center_crop: bool = True
     random_flip: bool = False
     batch_size: int = 4
@@ -152,6 +153,17 @@ class TrainSpec:
                 raise UserError(f"--{_flag(name)} must be a finite number >= 0, got {value:g}.")
         if self.max_steps is not None and self.epochs is not None:
             raise UserError("give --max-steps or --epochs, not both.")
+        from pie_cli.imaging.geometry import FIT_CHOICES
+
+        if self.fit not in FIT_CHOICES:
+            raise UserError(f"--fit must be one of {', '.join(FIT_CHOICES)}, got {self.fit!r}.")
+        if self.fit == "native" and self.batch_size > 1:
+            raise UserError(
+                "--fit native trains each image at its own aspect, so a batch holds one image: give "
+                f"--batch-size 1 (and --grad-accum {self.batch_size} for the same effective batch), or --fit pad."
+            )
+        if self.fit != "crop" and not self.center_crop:
+            raise UserError(f"--random-crop crops; --fit {self.fit} keeps the whole image: give one of them.")
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise UserError(
                 "--cache-latents encodes each image once, so it needs --center-crop and no --random-flip."

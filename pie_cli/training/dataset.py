@@ -14,15 +14,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pie_cli.imaging.geometry import square_geometry
-from pie_cli.imaging.media import IMAGE_RESAMPLE, to_rgb8
+from pie_cli.imaging.geometry import fit_geometry, square_geometry
+from pie_cli.imaging.media import IMAGE_RESAMPLE, fit_to, to_rgb8
 from pie_cli.training.data import Record, TrainingData
 
 
 def crop_and_flip(
-    img: Image.Image, resolution: int, center: bool, flip: bool, rng: np.random.Generator
+    img: Image.Image,
+    resolution: int,
+    center: bool,
+    flip: bool,
+    rng: np.random.Generator,
+    fit: str = "crop",
 ) -> Image.Image:
-    """Short side resized to ``resolution``, then a centre or random square crop, then maybe a mirror."""
+    """Short side resized to ``resolution``, then a centre or random square crop, then maybe a mirror.
+
+    With ``fit`` "pad" or "native" the image becomes the canvas `pie simulate --fit` works on
+    (letterboxed on R x R, or at its own aspect), whole; then maybe a mirror.
+    """
+    if fit != "crop":
+        img = fit_to(img, fit_geometry(img.size, resolution, fit))
+        if flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
     (rw, rh), (left, top, _, _) = square_geometry(img.size, resolution)
     if img.size != (rw, rh):
         img = img.resize((rw, rh), IMAGE_RESAMPLE)  # the filter inference uses too
@@ -52,6 +66,7 @@ class PairDataset(torch.utils.data.Dataset):
         center_crop: bool,
         random_flip: bool,
         seed: int,
+        fit: str = "crop",
     ) -> None:
         self.data = data
         self.records = records
@@ -59,6 +74,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.fit = fit
         self.epoch = 0
         self.with_pixels = True  # False when latents are cached: no image is decoded per step
         ids = tokenizer(
@@ -76,7 +92,9 @@ class PairDataset(torch.utils.data.Dataset):
     def image(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         img = to_rgb8(self.data.open(self.records[index]))
-        return to_pixels(crop_and_flip(img, self.resolution, self.center_crop, self.random_flip, rng))
+        return to_pixels(
+            crop_and_flip(img, self.resolution, self.center_crop, self.random_flip, rng, self.fit)
+        )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = {"input_ids": self.input_ids[index], "index": torch.tensor(index)}
@@ -150,12 +168,12 @@ class TrainingBatches:
 def training_batches(spec, data: TrainingData, prior: list[Record] | None, tokenizer) -> TrainingBatches:
     """Datasets, sampler and loader of a run: images only decoded per step without ``--cache-latents``."""
     common = (spec.resolution, spec.center_crop, spec.random_flip)
-    instance = PairDataset(data, data.records, tokenizer, *common, spec.seed)
+    instance = PairDataset(data, data.records, tokenizer, *common, spec.seed, fit=spec.fit)
     instance.with_pixels = not spec.cache_latents
     dataset: torch.utils.data.Dataset = instance
     prior_set = None
     if prior:
-        prior_set = PairDataset(data, prior, tokenizer, *common, spec.seed + 1)
+        prior_set = PairDataset(data, prior, tokenizer, *common, spec.seed + 1, fit=spec.fit)
         prior_set.with_pixels = not spec.cache_latents
         dataset = PairedBatches(instance, prior_set)
     sampler = EpochSampler(len(dataset), spec.seed)

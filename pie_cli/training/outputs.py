@@ -78,6 +78,7 @@ def write_samples(trainer: Trainer, step: int) -> None:
                     steps=SAMPLE_PIE_STEPS,
                     inference_steps=SAMPLE_INFERENCE_STEPS,
                     resolution=spec.resolution,
+                    fit=spec.fit,
                     seed=spec.seed,
                 )
             ]

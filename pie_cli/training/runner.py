@@ -136,7 +136,9 @@ def plan(
 
         image = open_image(Path(spec.validation_image), "--validation-image")
         raw = open_image(Path(spec.validation_mask or ""), "--validation-mask")
-        mask = prepare_mask(raw, image.size, spec.resolution, f"--validation-mask {spec.validation_mask}")
+        mask = prepare_mask(
+            raw, image.size, spec.resolution, f"--validation-mask {spec.validation_mask}", fit=spec.fit
+        )
         require_nonempty(mask, raw, spec.resolution, f"--validation-mask {spec.validation_mask}")
     return TrainPlan(spec, source, data, prior, out, checkpoint, overwrite)
 

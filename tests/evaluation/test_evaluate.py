@@ -66,9 +66,9 @@ def test_change_only_inside_the_mask(cli, tmp_path):
     data = evaluate(cli, fake_run(tmp_path / "run", frames, mask))
     f = data["frames"]
     assert [m["psnr_outside"] for m in f] == [None] * 3  # frame 0 is the reference; then identical outside
-    assert [m["ssim_outside"] for m in f][1:] == [
-        pytest.approx(1.0, abs=0.05)
-    ] * 2  # the window sees the edge
+    # the outside keeps the SSIM window's reach from the mask: the edit inside does not leak out
+    assert [m["ssim_outside"] for m in f][1:] == [pytest.approx(1.0, abs=1e-9)] * 2
+    assert [m["drift_outside"] for m in f] == [0.0] * 3 and [m["max_abs_outside"] for m in f] == [0.0] * 3
     assert 0 < f[1]["change_in_mask"] < f[2]["change_in_mask"] <= 40
     assert f[2]["step_change"] == pytest.approx(np.abs(frames[2] - frames[1]).mean(axis=2).mean(), abs=0.6)
     assert data["summary"]["identical_outside"] == 2 and "min_psnr_outside" not in data["summary"]
@@ -86,8 +86,11 @@ def test_change_outside_lowers_psnr(cli, tmp_path):
     moved = base.copy()
     moved[:, 30:] = np.clip(moved[:, 30:] + 10, 0, 255)  # a change outside the mask, 10 levels
     data = evaluate(cli, fake_run(tmp_path / "run", [base, moved], mask))
-    expected = 10 * np.log10(255**2 / (10**2 * 18 / 24))  # 18 of 24 outside columns changed by 10
-    assert data["frames"][1]["psnr_outside"] == pytest.approx(expected, abs=0.2)
+    # The outside keeps 5 px from the mask: columns 29-47; 18 of those 19 changed by 10 levels.
+    expected = 10 * np.log10(255**2 / (10**2 * 18 / 19))
+    assert data["frames"][1]["psnr_outside"] == pytest.approx(expected, abs=1e-9)
+    assert data["frames"][1]["drift_outside"] == pytest.approx(10 * 18 / 19, abs=1e-9)
+    assert data["frames"][1]["max_abs_outside"] == 10
     assert data["frames"][1]["change_in_mask"] == 0
 
 

@@ -74,10 +74,11 @@ def test_the_report_holds_everything_and_references_nothing_outside(cli, run):
     gifs = [img for img in images if img.format == "GIF"]
     assert len(gifs) == 1 and gifs[0].n_frames == 4  # the progression GIF, every frame
     assert sum(img.format == "PNG" and img.size == (64, 64) for img in images) == 4  # frames 0-3
-    # Vector curves (matplotlib is in the dev set): change, PSNR, severity, confidence.
-    assert page.svgs == 4
+    # Vector curves (matplotlib is in the dev set): change, PSNR, drift outside, severity, confidence.
+    assert page.svgs == 5
     html = (run / "report.html").read_text()
     assert "PSNR vs frame 0 (dB)" in html and "expected grade (0-3)" in html
+    assert "Drift outside the mask" in html and "dilated by 5 px excluded" in html
 
 
 def test_without_matplotlib_the_curves_are_png(cli, run, monkeypatch):
@@ -88,7 +89,7 @@ def test_without_matplotlib_the_curves_are_png(cli, run, monkeypatch):
     page = parse(run / "report.html")
     assert page.svgs == 0
     charts = [decoded(uri) for uri in page.images if decoded(uri).size == (300, 170)]
-    assert len(charts) == 4
+    assert len(charts) == 5
 
 
 def test_a_trajectory_run_report_shows_the_grid(cli, tiny_model, inputs, tmp_path):

@@ -48,11 +48,34 @@ def evaluate(
             help="Classifier label to follow (default: from the prompt).",
         ),
     ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            metavar="MASK",
+            show_default=False,
+            help="Measure inside and outside this mask instead of the run's mask.png (e.g. a reader's region): "
+            "the frames' size, or the original image's, brought to the frames through the run's recorded --fit.",
+        ),
+    ] = None,
+    fit: Annotated[
+        str | None,
+        typer.Option(
+            "--fit",
+            metavar="crop|pad|native",
+            show_default=False,
+            help="The geometry of the frames, for runs made before pie recorded it (default crop); a run that "
+            "recorded its --fit is measured in that one, and another value is refused.",
+        ),
+    ] = None,
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Per frame: change inside the mask, PSNR/SSIM outside it, step change, classifier confidence, CLIP-I.
+    """Per frame: change inside the mask, PSNR/SSIM and drift outside it, step change, confidence, CLIP-I.
+
+    "Outside" leaves out the mask (any value > 0) dilated by 5 px, the SSIM window's reach, so an edit inside
+    the mask never counts as a change outside it.
 
     Writes metrics.json, metrics.csv, report.png and report.html into RUN_DIR (replacing earlier ones). For a
     --trajectories run, each traj_KK/ is evaluated and RUN_DIR gets per-trajectory rows, mean +- sd
@@ -65,10 +88,12 @@ def evaluate(
       pie evaluate runs/chest --classifier demo
       pie evaluate runs/chest-k8 --classifier demo      # traj_00 .. traj_07 and their spread
       pie evaluate runs/cohort --classifier demo --json
+      pie evaluate runs/chest --mask reader-roi.png       # another region, of the image's size
     """
     from pie_cli.evaluation.groups import evaluate_path
+    from pie_cli.evaluation.metrics import WINDOW_RADIUS
 
-    done = evaluate_path(run_dir, classifier, clip, target_label, allow_pickle)
+    done = evaluate_path(run_dir, classifier, clip, target_label, allow_pickle, mask=mask, fit=fit)
     if getattr(done, "kind", None) in ("trajectories", "cohort"):
         _group(done, as_json)
         return
@@ -83,12 +108,19 @@ def evaluate(
             f"({summary['confidence_rise']:+.3f}); rising in {summary['rising_steps']} of {len(metrics) - 1} steps"
             f"{', monotonic' if summary['monotonic'] else ''}"
         )
+    where = f"outside the mask (+{WINDOW_RADIUS} px)"
     if "min_psnr_outside" in summary:
+        identical = summary["identical_outside"]
         info(
-            f"outside the mask: PSNR >= {summary['min_psnr_outside']:.1f} dB, SSIM >= {summary['min_ssim_outside']:.3f}"
+            f"{where}: PSNR >= {summary['min_psnr_outside']:.1f} dB, SSIM >= {summary['min_ssim_outside']:.3f}, "
+            f"drift <= {summary['max_drift_outside']:.3g} grey levels (final {summary['final_drift_outside']:.3g}), "
+            f"largest |difference| {summary['max_abs_outside']:.3g}"
+            + (f"; {identical} of {len(metrics) - 1} frames identical to frame 0" if identical else "")
         )
     elif summary.get("identical_outside"):
-        info("outside the mask: every frame identical to frame 0")
+        info(f"{where}: every frame identical to frame 0, bit for bit")
+    elif done.data.get("outside_pixels") == 0:
+        info(f"{where}: no pixel is more than {WINDOW_RADIUS} px from the mask; nothing outside to measure")
     if "pace" in summary:
         info(f"pace ({summary['pace']['of'].replace('_', ' ')}): {summary['pace']['sentence']}")
     if summary.get("note"):
@@ -107,6 +139,7 @@ def _group(done, as_json: bool) -> None:
         for key in (
             "final_change_in_mask",
             "min_psnr_outside",
+            "max_drift_outside",
             "spearman",
             "first_step_share",
             "steps_to_90",
@@ -146,6 +179,8 @@ def _table(metrics, label: str | None) -> None:
         "change in mask",
         "PSNR out (dB)",
         "SSIM out",
+        "drift out",
+        "max |d| out",
         "step change",
         "P(target)" if label else "confidence",
         "severity",
@@ -158,6 +193,8 @@ def _table(metrics, label: str | None) -> None:
             fmt(m.change_in_mask, ".2f"),
             fmt(m.psnr_outside, ".2f"),
             fmt(m.ssim_outside, ".4f"),
+            fmt(m.drift_outside, ".3g"),
+            fmt(m.max_abs_outside, ".3g"),
             fmt(m.step_change, ".2f"),
             fmt(m.confidence, ".3f"),
             fmt(m.severity, ".3f"),

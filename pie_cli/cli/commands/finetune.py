@@ -133,6 +133,15 @@ def finetune(
     ] = DEFAULTS.prior_loss_weight,
     # optimisation
     resolution: TrainingResolutionOpt = DEFAULTS.resolution,
+    fit: Annotated[
+        str,
+        typer.Option(
+            "--fit",
+            metavar="crop|pad|native",
+            help="How each image becomes an example, as `pie simulate --fit`: 'crop' (short side to R, square "
+            "crop), 'pad' (the whole image letterboxed on R x R), 'native' (whole, its own aspect; --batch-size 1).",
+        ),
+    ] = DEFAULTS.fit,
     center_crop: Annotated[
         bool, typer.Option("--center-crop/--random-crop", help="Centre or random square crop.")
     ] = DEFAULTS.center_crop,

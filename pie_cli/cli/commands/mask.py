@@ -11,7 +11,16 @@ from typer.core import TyperGroup
 
 from pie_cli.cli.boundary import guarded
 from pie_cli.cli.console import info, out, result, warn
-from pie_cli.cli.options import DebugOpt, JsonOpt, OverwriteOpt, ResolutionOpt, check_resolution, out_option
+from pie_cli.cli.options import (
+    DebugOpt,
+    FitOpt,
+    JsonOpt,
+    OverwriteOpt,
+    ResolutionOpt,
+    check_fit,
+    check_resolution,
+    out_option,
+)
 from pie_cli.errors import UserError
 
 
@@ -122,10 +131,27 @@ def make(
         ),
     ] = None,
     resolution: ResolutionOpt = 512,
+    fit: FitOpt = "crop",
+    full_res: Annotated[
+        bool,
+        typer.Option(
+            "--full-res",
+            help="Write the mask at the image's own size (for `pie simulate --full-res`); pixel options are "
+            "then in image pixels.",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Make a mask for IMAGE in `pie simulate`'s geometry: regions are united, then dilate, erode, fill, feather, invert."""
+    """Make a mask for IMAGE in `pie simulate`'s geometry: regions are united, then dilate, erode, fill, feather, invert.
+
+    Examples:
+
+    \b
+      pie mask cxr.png --auto left-lung --preview check.png --out lung.png
+      pie mask cxr.png --box 0.5,0.4,0.95,0.9 --fit pad --out lung.png      # for simulate --fit pad
+      pie mask film.dcm --auto left-lung --full-res --out lung-full.png     # for simulate --full-res
+    """
     from pie_cli.imaging.files import check_out_file
     from pie_cli.imaging.mask_regions import MaskSpec, build_mask
     from pie_cli.imaging.masks import mask_to_grey, require_image_size
@@ -150,6 +176,8 @@ def make(
         fill_holes=fill_holes,
         feather=feather,
         invert=invert,
+        fit=check_fit(fit),
+        full_res=full_res,
     )
     spec.check()
     if preview is not None and preview.resolve() == out_path.resolve():
@@ -174,11 +202,19 @@ def make(
     mask, notes = build_mask(img, spec, from_images)
     for note in notes:
         warn(note)
+    geometry = spec.geometry(img.size)
     if not mask.any():
+        where = "" if full_res else f" at --resolution {resolution}"
+        hint = " (the centre crop removes the long side's margins)" if geometry.fit == "crop" else ""
         raise UserError(
-            f"the mask for {image} would be empty (no white pixel at --resolution {resolution}); "
-            "check the regions (the centre crop removes the long side's margins) or use --preview."
+            f"the mask for {image} would be empty (no white pixel{where}); check the regions{hint} or use --preview."
         )
+    from pie_cli.imaging.mask_regions import lost_to_crop
+    from pie_cli.imaging.masks import crop_warning
+
+    cut = crop_warning(geometry, f"image {image}", lost_to_crop(img, spec, from_images))
+    if cut is not None:
+        warn(cut)
     from PIL import Image
 
     from pie_cli.imaging.files import png_writer, write_together
@@ -186,13 +222,12 @@ def make(
 
     pictures = [(out_path, Image.fromarray(mask, mode="L"))]
     if preview is not None:
-        pictures.append((preview, render_preview(img, mask, resolution)))
+        pictures.append((preview, render_preview(img, mask, geometry)))
     # Both files or neither: a failure writing the preview must not leave a new mask behind.
     write_together([(path, png_writer(picture)) for path, picture in pictures])
     coverage = 100.0 * (mask > 0).mean()
-    info(
-        f"mask: {resolution}x{resolution}, {coverage:.1f}% of pixels{', soft edge' if feather else ''} -> {out_path}"
-    )
+    h, w = mask.shape
+    info(f"mask: {w}x{h}, {coverage:.1f}% of pixels{', soft edge' if feather else ''} -> {out_path}")
     result(str(out_path))
 
 
@@ -204,6 +239,7 @@ def mask_info(
         Path | None, typer.Option("--image", help="Check the mask fits this image.", show_default=False)
     ] = None,
     resolution: ResolutionOpt = 512,
+    fit: FitOpt = "crop",
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -212,8 +248,9 @@ def mask_info(
     from pie_cli.imaging.media import open_image
 
     check_resolution(resolution)
+    check_fit(fit)
     img = open_image(image, "image") if image is not None else None
-    data = describe(open_image(mask, "mask"), mask, img, resolution)
+    data = describe(open_image(mask, "mask"), mask, img, resolution, fit=fit)
     if as_json:
         result(json.dumps(data, indent=2))
     else:

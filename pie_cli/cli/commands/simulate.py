@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pie_cli.cli.options import (
+    FIT_HELP,
     AllowPickleOpt,
     DebugOpt,
     DeviceOpt,
@@ -44,7 +45,8 @@ def simulate(
         Path | None,
         typer.Option(
             "--mask",
-            help="Edit mask (white = may change, grey = partly): the image's size or R x R.",
+            help="Edit mask (white = may change, grey = partly): the image's size, or the frames' size "
+            "(R x R with --fit crop; as `pie mask --fit` writes it).",
             show_default=False,
         ),
     ] = None,
@@ -86,6 +88,54 @@ def simulate(
     ] = DEFAULTS.negative_prompt,
     seed: SeedOpt = 42,
     resolution: ResolutionOpt = DEFAULTS.resolution,
+    fit: Annotated[
+        str,
+        typer.Option(
+            "--fit", metavar="crop|pad|native", help=FIT_HELP, rich_help_panel="The patient's own image"
+        ),
+    ] = DEFAULTS.fit,
+    preserve_outside: Annotated[
+        bool,
+        typer.Option(
+            "--preserve-outside",
+            rich_help_panel="The patient's own image",
+            help="After every step the frame is frame 0 outside the mask and the edit inside, blended across "
+            "--preserve-feather: pixels beyond the feather stay the input's bit for bit (the original method "
+            "lets the VAE smooth them a little each step).",
+        ),
+    ] = DEFAULTS.preserve_outside,
+    preserve_feather: Annotated[
+        int | None,
+        typer.Option(
+            "--preserve-feather",
+            metavar="PX",
+            show_default=False,
+            rich_help_panel="The patient's own image",
+            help="Width of --preserve-outside's blend band beyond the mask, in the frames' pixels "
+            "(default: one latent cell, 8 px at the working size; with --full-res, 8 x the window's scale).",
+        ),
+    ] = DEFAULTS.preserve_feather,
+    full_res: Annotated[
+        bool,
+        typer.Option(
+            "--full-res",
+            rich_help_panel="The patient's own image",
+            help="Frames at the input's own size and depth (8- or 16-bit): a square window around the "
+            "mask is edited at R and pasted back; outside it, the input's exact pixels. Needs a --mask of the "
+            "image's size; best with --preserve-outside.",
+        ),
+    ] = False,
+    full_res_margin: Annotated[
+        int | None,
+        typer.Option(
+            "--full-res-margin",
+            metavar="PX",
+            show_default=False,
+            rich_help_panel="The patient's own image",
+            help="Context around the mask's bounding box in the --full-res window, in image pixels "
+            "(default: a quarter of the box's longer side, at least 32).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     unet: Annotated[
@@ -228,6 +278,7 @@ def simulate(
       pie simulate cxr.png --mask lung.png -p "large left pleural effusion" --beta2-schedule 0.1:0.9
       pie simulate cxr.png --mask lung.png -p "large left pleural effusion" --pace linear --classifier demo
       pie simulate cxr.png --mask lung.png -p "..." -k 8 --out runs/k8     # 8 trajectories, batched
+      pie simulate film.dcm --mask lung.png -p "..." --full-res --preserve-outside   # the film's own pixels
       pie simulate --cohort cases.csv --out runs/cohort                    # one run per row
       pie simulate --resume --out runs/cxr                                 # go on after an interruption
     """
@@ -265,6 +316,8 @@ def simulate(
         classifier=classifier,
         target=target,
         pace_candidates=pace_candidates,
+        full_res=full_res,
+        full_res_margin=full_res_margin,
     )
     from pie_cli.evaluation.scorers import pace_scorer
 
@@ -370,5 +423,7 @@ def spec_values(spec) -> dict:
         classifier=spec.classifier,
         target=spec.target,
         pace_candidates=spec.pace_candidates,
+        full_res=spec.full_res,
+        full_res_margin=spec.full_res_margin,
     )
     return values
