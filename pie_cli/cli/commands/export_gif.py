@@ -1,7 +1,9 @@
-"""`pie export-gif RUN_DIR_OR_FRAMES... --out FILE`: frames -> an animation, strip or video. Never imports torch."""
+"""`pie export-gif RUN_DIR_OR_FRAMES... --out FILE`: frames -> an animation, strip or video; with
+`--format dicom --out DIR`, a DICOM Secondary Capture series. Never imports torch."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +13,34 @@ from pie_cli.cli.console import info, result, warn
 from pie_cli.cli.options import DebugOpt, OverwriteOpt, WatermarkOpt, out_option
 from pie_cli.errors import UserError
 
-ExportOut = out_option("Output: .gif, .webp (animated), .png (contact strip/grid), .mp4.")
+ExportOut = out_option(
+    "Output: .gif, .webp (animated), .png (contact strip/grid), .mp4; with --format dicom, a folder."
+)
+
+
+class ExportFormat(str, Enum):
+    gif = "gif"
+    webp = "webp"
+    png = "png"
+    mp4 = "mp4"
+    dicom = "dicom"
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# The options that shape an animation or a sheet; a DICOM series is each frame as it is (name, flag).
+NOT_FOR_DICOM = (
+    ("duration_ms", "--duration-ms"),
+    ("hold_last_ms", "--hold-last-ms"),
+    ("loop", "--loop"),
+    ("bounce", "--bounce"),
+    ("resize", "--resize"),
+    ("columns", "--columns"),
+    ("caption", "--caption"),
+    ("side_by_side", "--side-by-side"),
+    ("diff", "--diff"),
+    ("mask_outline", "--mask-outline"),
+    ("lossless", "--lossless"),
+)
 # GIF stores a delay in 16 bits of 10 ms and a loop count in 16 bits (WebP: the same loop field).
 MAX_DELAY_MS = 655_350
 MAX_LOOP = 65_535
@@ -19,6 +48,7 @@ MAX_WIDTH = 16_384  # --resize
 
 
 def export_gif(
+    ctx: typer.Context,
     inputs: Annotated[
         list[Path],
         typer.Argument(
@@ -28,6 +58,15 @@ def export_gif(
         ),
     ],
     out_path: ExportOut,
+    export_format: Annotated[
+        ExportFormat | None,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            show_default=False,
+            help="gif, webp, png, mp4 or dicom (a folder of DICOM files, one per frame); default: --out's extension.",
+        ),
+    ] = None,
     duration_ms: Annotated[
         int, typer.Option("--duration-ms", help="Time per frame (GIF stores 10 ms units).")
     ] = 500,
@@ -72,7 +111,22 @@ def export_gif(
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Turn frames into an animation, a contact strip or a video for people to look at."""
+    """Turn frames into an animation, a contact strip or a video for people to look at, or into a
+    DICOM series for a PACS viewer.
+
+    With --format dicom, --out is a folder (created, or empty, or with --overwrite holding only a
+    series pie wrote there) that gets frame_000.dcm, frame_001.dcm ...: one new Secondary Capture
+    series, the frames' pixels as the run had them (8-bit grey, RGB or 16-bit grey) with "SYNTHETIC"
+    burnt into a corner and no attribute taken from the input image or the run. --every applies;
+    the animation and panel options do not.
+
+    Examples:
+
+    \b
+      pie export-gif runs/case1 --out case1.gif --side-by-side --diff --caption "step {i}/{n}"
+      pie export-gif runs/case1 --out case1.png --columns 4 --every 2
+      pie export-gif runs/case1 --format dicom --out case1-dicom      # frame_000.dcm ...
+    """
     from pie_cli.imaging import animation as export
     from pie_cli.imaging.files import check_out_file
     from pie_cli.imaging.ownership import refuse_overlap
@@ -80,9 +134,31 @@ def export_gif(
     from pie_cli.runs.manifest import run_id_of
 
     suffix = out_path.suffix.lower()
+    if export_format is ExportFormat.dicom:
+        given = [flag for name, flag in NOT_FOR_DICOM if _given(ctx, name)]
+        if given:
+            raise UserError(
+                f"{given[0]} does not apply to --format dicom, which writes each frame as it is; leave it out."
+            )
+        if every < 1:
+            raise UserError(f"--every must be at least 1, got {every}.")
+        _export_dicom(inputs, out_path, every, overwrite)
+        return
+    if export_format is None and suffix in DICOM_SUFFIXES:
+        raise UserError(
+            f"--out {out_path}: a DICOM export is a series, one file per frame, written into a folder; "
+            "use --format dicom --out DIR."
+        )
+    if export_format is not None and suffix != f".{export_format.value}":
+        ending = f"ends in {suffix}" if suffix else "has no extension"
+        raise UserError(
+            f"--format {export_format.value} writes a .{export_format.value} file but --out {out_path} "
+            f"{ending}; name it {out_path.stem}.{export_format.value}."
+        )
     if suffix not in export.FORMATS:
         raise UserError(
-            f"--out {out_path}: unknown format {suffix or '(none)'!r}; use {', '.join(export.FORMATS)}."
+            f"--out {out_path}: unknown format {suffix or '(none)'!r}; use {', '.join(export.FORMATS)}, "
+            "or --format dicom with a folder."
         )
     check_out_file(out_path, "--out", overwrite)
     for name, value, low, high in (
@@ -135,6 +211,47 @@ def export_gif(
     export.write(frames, out_path, options, turn, run_id=run_id_of(inputs))
     info(f"export: {len(frames)} frames, {frames[0].width}x{frames[0].height} -> {out_path}")
     result(str(out_path))
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line), rather than leaving its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _export_dicom(inputs: list[Path], out: Path, every: int, overwrite: bool) -> None:
+    """One run's frames (every ``every``-th, and the last) as a DICOM series in the folder ``out``."""
+    from pie_cli.imaging import animation as export
+    from pie_cli.imaging.dicom_out import series_file, write_series
+    from pie_cli.imaging.ownership import refuse_overlap
+    from pie_cli.runs import frames as run_frames
+
+    if out.suffix.lower() in (*export.FORMATS, *DICOM_SUFFIXES):
+        raise UserError(
+            f"--out {out} looks like a file name, but --format dicom writes a folder of frame_NNN.dcm files; "
+            "name a folder."
+        )
+    if len(inputs) == 1 and Path(inputs[0]).is_dir() and run_frames.frame_groups(inputs[0]) is not None:
+        raise UserError(
+            f"{inputs[0]} holds several runs (trajectories or cohort cases); --format dicom exports one run's "
+            "frames: give one of its run folders, e.g. traj_00."
+        )
+    for item in inputs:  # a series folder may lie inside a run folder (as a GIF may), never be one
+        if Path(item).is_dir() and out.is_dir() and out.resolve() == Path(item).resolve():
+            raise UserError(
+                f"--out {out} is RUN_DIR_OR_FRAMES {item} itself; write the series into a folder of its own, "
+                f"e.g. {Path(item) / 'dicom'}."
+            )
+    sources, mask_path = run_frames.collect(inputs)
+    read = [("RUN_DIR_OR_FRAMES", source.path) for source in sources] + [("the run's mask", mask_path)]
+    refuse_overlap("--out", out, read, series_file)  # never an input, whatever --overwrite says
+    picks, _ = export.sequence(len(sources), every)
+    series = write_series([sources[p].path for p in picks], out, overwrite)
+    info(
+        f"export: {len(series.files)} DICOM frames, {series.pixel_format.width}x{series.pixel_format.height} "
+        f"{series.pixel_format} -> {out}"
+    )
+    result(str(out))
 
 
 def options_of(given: dict):
