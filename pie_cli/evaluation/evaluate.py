@@ -134,6 +134,10 @@ def evaluate_run(
 
     table = rows(metrics)
     summary = summarise(metrics)
+    if edited is not None and not given_mask:
+        beyond = beyond_feather(run_dir, measured, edited)
+        if beyond is not None:
+            summary["beyond_feather"] = beyond
     steered = steered_by(run_dir)
     if classifier is not None and steered is not None and steered.get("classifier") == classifier:
         summary["note"] = (
@@ -204,6 +208,37 @@ def steered_by(run_dir: Path) -> dict[str, Any] | None:
         return None
     pace = manifest.get("pace") if isinstance(manifest, dict) else None
     return pace if isinstance(pace, dict) else None
+
+
+def beyond_feather(run_dir: Path, frames: list[Any], edited: Any) -> dict[str, Any] | None:
+    """For a ``--preserve-outside`` run: how its frames compare with frame 0 farther than the feather
+    from the mask (where the option promises frame 0's pixels bit for bit); None for other runs."""
+    import numpy as np
+
+    from pie_cli.evaluation.metrics import grey
+    from pie_cli.imaging.morphology import dilate
+    from pie_cli.runs import manifest as runs_manifest
+
+    record = runs_manifest.read(run_dir, "RUN_DIR") or {}
+    params = record.get("parameters") if isinstance(record.get("parameters"), dict) else {}
+    if params.get("preserve_outside") is not True:
+        return None
+    geometry = record.get("geometry") if isinstance(record.get("geometry"), dict) else {}
+    full = geometry.get("full_res") if isinstance(geometry.get("full_res"), dict) else None
+    feather = full.get("feather") if full else params.get("preserve_feather")
+    if not isinstance(feather, int) or isinstance(feather, bool):
+        feather = 8  # the default: one latent cell at the working size
+    region = ~dilate(np.asarray(edited, dtype=bool), feather)
+    if not region.any():
+        return {"feather": feather, "pixels": 0, "max_abs": None, "identical_frames": None}
+    first = grey(frames[0])
+    largest = [float(np.abs(grey(f) - first)[region].max()) for f in frames[1:]]
+    return {
+        "feather": feather,
+        "pixels": int(region.sum()),
+        "max_abs": max(largest, default=0.0),
+        "identical_frames": sum(v == 0 for v in largest),
+    }
 
 
 def _given_mask(

@@ -8,6 +8,8 @@ A simulate manifest says what made the run and how far it got::
     run          how the model and device were asked for (what --resume needs to rebuild it),
     scheduler    class, timesteps of step 1, UNet calls per step,
     inputs       image and mask identified by SHA-256 and pixel geometry (never by path),
+    geometry     how the image became the canvas (imaging.geometry: fit, source, resized, offset,
+                 canvas, content) and, with --full-res, its window, region, scale and feather,
     placement, environment, outputs,
     run_id, status (running | complete | failed | interrupted), frames (index, file, seconds,
     sha256), last_complete_frame, rng_states (while unfinished), started, finished, resumed.
@@ -40,7 +42,7 @@ METRICS_CSV = "metrics.csv"
 REPORT = "report.png"
 REPORT_HTML = "report.html"  # the self-contained report (evaluation.html)
 COHORT_SUMMARY = "cohort_summary.csv"
-RESUME_DIR = ".resume"  # clean (unwatermarked) frames a run continues from
+RESUME_DIR = ".resume"  # the progression's own frames a run continues from (watermark, --full-res)
 
 # The files and folders of a run folder: what `pie simulate` writes, and what `pie evaluate` adds.
 RUN_OUTPUTS = (MASK, GIF, MANIFEST, UNCERTAINTY, MEAN_FINAL)

@@ -357,7 +357,13 @@ def test_evaluate_takes_a_mask_of_the_image_size_through_the_runs_fit(cli, tiny_
         "evaluate", out, "--mask", files["full_mask"], "--json"
     )  # 80x120, mapped like simulate maps it
     assert given.exit_code == 0, given.output
-    assert json.loads(given.stdout)["summary"] == json.loads(own.stdout)["summary"]
+    summary = json.loads(own.stdout)["summary"]
+    assert summary["beyond_feather"]["feather"] == 8 and summary["beyond_feather"]["pixels"] > 0
+    assert summary["beyond_feather"]["identical_frames"] == 2 and summary["beyond_feather"]["max_abs"] == 0
+    assert "beyond the 8 px feather (--preserve-outside): all 2 frames identical to frame 0" in own.stderr
+    assert {k: v for k, v in json.loads(given.stdout)["summary"].items() if k != "beyond_feather"} == {
+        k: v for k, v in summary.items() if k != "beyond_feather"
+    }
     refused = cli("evaluate", out, "--fit", "crop")
     assert refused.exit_code == 2
     assert (

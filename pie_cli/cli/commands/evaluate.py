@@ -121,6 +121,19 @@ def evaluate(
         info(f"{where}: every frame identical to frame 0, bit for bit")
     elif done.data.get("outside_pixels") == 0:
         info(f"{where}: no pixel is more than {WINDOW_RADIUS} px from the mask; nothing outside to measure")
+    beyond = summary.get("beyond_feather")
+    if beyond and beyond.get("pixels"):
+        steps = len(metrics) - 1
+        if beyond["identical_frames"] == steps:
+            info(
+                f"beyond the {beyond['feather']} px feather (--preserve-outside): all {steps} frames identical to "
+                "frame 0, bit for bit (PSNR infinite)"
+            )
+        else:
+            info(
+                f"beyond the {beyond['feather']} px feather (--preserve-outside): largest |difference| "
+                f"{beyond['max_abs']:.3g} ({beyond['identical_frames']} of {steps} frames identical)"
+            )
     if "pace" in summary:
         info(f"pace ({summary['pace']['of'].replace('_', ' ')}): {summary['pace']['sentence']}")
     if summary.get("note"):
