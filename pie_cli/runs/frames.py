@@ -16,7 +16,7 @@ from PIL import Image
 from pie_cli.errors import UserError
 from pie_cli.imaging.animation import SourceFrame
 from pie_cli.imaging.masks import mask_to_grey
-from pie_cli.imaging.media import open_image
+from pie_cli.imaging.media import open_image, to_rgb8
 from pie_cli.runs.manifest import COHORT_SUMMARY, MANIFEST, MASK
 
 FRAME_FILE = re.compile(r"^frame_(\d+)\.png$")
@@ -57,7 +57,7 @@ def collect(inputs: Sequence[Path]) -> tuple[list[SourceFrame], Path | None]:
 
 def load(frames: Sequence[SourceFrame]) -> list[Image.Image]:
     """The frames as 8-bit RGB images, all of one size (or a ``UserError`` naming the odd one)."""
-    images = [open_image(f.path, "frame").convert("RGB") for f in frames]
+    images = [to_rgb8(open_image(f.path, "frame")) for f in frames]  # 16-bit scaled, never clipped
     first = images[0].size
     for f, img in zip(frames, images, strict=True):
         if img.size != first:

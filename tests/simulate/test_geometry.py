@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pie_cli.imaging.geometry import fit_geometry, full_res_window
+from pie_cli.imaging.media import to_rgb8
 from tests.helpers import manifest, simulate_argv
 from tests.simulate.test_resume import interrupt_after
 
@@ -251,6 +252,12 @@ def test_full_res_frames_have_the_input_size_depth_and_pixels_outside_the_window
             assert np.abs(frame - original)[~outside].max() > 0
     assert Image.open(out / "mask.png").size == (W, H)
     assert Image.open(out / "progression.gif").size == (W, H)
+    # export-gif shows the frames by their depth (a 16-bit film is scaled, never clipped to white)
+    strip = tmp_path / "strip.png"
+    assert cli("export-gif", out, "--out", strip).exit_code == 0
+    first = np.asarray(Image.open(strip).convert("L"))[:, :W].astype(np.int64)
+    expected = np.asarray(to_rgb8(Image.open(files[mode])).convert("L")).astype(np.int64)
+    assert np.abs(first - expected).max() <= 1
 
 
 def test_full_res_with_preserve_outside_keeps_the_16_bit_film_beyond_the_feather(
