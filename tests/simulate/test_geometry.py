@@ -384,3 +384,40 @@ def test_evaluate_takes_a_mask_of_the_image_size_through_the_runs_fit(cli, tiny_
     assert (
         f"--mask {small} is 64x64; it must have the frames' size 43x64 or the image's 80x120." in wrong.stderr
     )
+
+
+def test_native_refuses_a_canvas_above_the_limit_and_crop_warns(cli, tiny_model, tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (40, 400), (90, 90, 90)).save(strip)  # 1:10: native at 512 would be 512 x 5120
+    out = tmp_path / "run"
+    result = cli(*simulate_argv(strip, out, "--fit", "native", model=tiny_model, resolution=512))
+    assert result.exit_code == 2 and not out.exists()
+    assert (
+        "--fit native would work at 512x5120 for this 40x400 image, above 4096 px; use --fit pad "
+        "(or a lower --resolution)." in result.stderr
+    )
+
+
+def test_a_cohort_sets_fit_and_full_res_per_case(cli, tiny_model, files, tmp_path):
+    table = tmp_path / "cases.csv"
+    table.write_text(
+        "image,mask,prompt,out,fit,preserve_outside,full_res\n"
+        f"{files['RGB']},{files['full_mask']},effusion,pad,pad,true,false\n"
+        f"{files['I;16']},{files['full_mask']},effusion,full,crop,yes,true\n"
+        f"{files['RGB']},{files['full_mask']},effusion,plain,crop,false,no\n"
+    )
+    out = tmp_path / "cohort"
+    result = cli(*simulate_argv(None, out, "--cohort", table, model=tiny_model, prompt=None, steps=1))
+    assert result.exit_code == 0, result.output
+    pad, full, plain = (manifest(out / name) for name in ("pad", "full", "plain"))
+    assert (pad["parameters"]["fit"], pad["parameters"]["preserve_outside"]) == ("pad", True)
+    assert Image.open(out / "pad" / "frame_001.png").size == (43, 64)
+    assert (
+        full["parameters"]["full_res"] is True and Image.open(out / "full" / "frame_001.png").mode == "I;16"
+    )
+    assert plain["parameters"]["preserve_outside"] is False and plain["geometry"]["full_res"] is None
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"image,mask,prompt,preserve_outside\n{files['RGB']},{files['full_mask']},x,maybe\n")
+    refused = cli(*simulate_argv(None, tmp_path / "c2", "--cohort", bad, model=tiny_model, prompt=None))
+    assert refused.exit_code == 2
+    assert f"--cohort {bad} row 2: preserve_outside 'maybe' is not a valid value." in refused.stderr
