@@ -25,7 +25,7 @@ from pie_cli.core.model_files import LORA_FILE, check_weights, lora_weight_file,
 from pie_cli.core.parameters import SCHEDULER_CHOICES
 from pie_cli.core.progression import Components
 from pie_cli.core.registry import ModelSource
-from pie_cli.errors import UserError
+from pie_cli.errors import UserError, one_line
 
 _SCHEDULER_CLASSES = {
     "pndm": "PNDMScheduler",
@@ -204,14 +204,34 @@ def _apply_loras(components: Components, source: ModelSource) -> None:
             )
         try:
             pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        except (ValueError, KeyError, RuntimeError, OSError, TypeError, AttributeError) as exc:
             raise UserError(
-                f"LoRA {adapter.path} could not be applied to model {source.reference}: {exc}".rstrip(".")
+                f"LoRA {adapter.path} could not be applied to model {source.reference}: {one_line(exc)}".rstrip(
+                    "."
+                )
                 + "."
             ) from None
+        if name not in _loaded_adapters(pipe):
+            raise UserError(
+                f"LoRA {weights} has no layer this model's UNet or text encoder knows (is it an SD 1.x LoRA in "
+                "diffusers or kohya/A1111 format? For a `pie finetune` checkpoint give its step_N folder)."
+            )
         names.append(name)
-    pipe.set_adapters(names, adapter_weights=[a.weight for a in source.loras])
+    try:
+        pipe.set_adapters(names, adapter_weights=[a.weight for a in source.loras])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(
+            f"the LoRA adapters could not be combined: {one_line(exc)}".rstrip(".") + "."
+        ) from None
     logging.getLogger(__name__).debug("applied LoRA adapters %s", names)
+
+
+def _loaded_adapters(pipe) -> set[str]:
+    """The adapter names loaded into the pipeline's UNet and text encoder."""
+    found: set[str] = set()
+    for names in pipe.get_list_adapters().values():
+        found.update(names)
+    return found
 
 
 def as_pipeline(components: Components, pipeline_class=None):

@@ -34,7 +34,7 @@ from pie_cli.training.checkpoints import CHECKPOINTS, METRICS, LoopState, latest
 from pie_cli.training.config import TEXT_LORA_TARGETS, TrainSpec
 from pie_cli.training.data import Record, TrainingData
 from pie_cli.training.dataset import isolated, training_batches
-from pie_cli.training.lora import add_lora, load_checkpoint_lora, save_checkpoint_lora
+from pie_cli.training.lora import add_lora, load_checkpoint_lora, save_checkpoint_lora, save_final_lora
 
 DEFAULT_MAX_STEPS = 1000
 
@@ -175,7 +175,10 @@ class Trainer:
     def _save_hook(self, models, weights, output_dir) -> None:
         if self.accelerator.is_main_process:
             te = self.accelerator.unwrap_model(self.text_encoder) if self.train_te else None
-            save_checkpoint_lora(Path(output_dir), self.accelerator.unwrap_model(self.unet), te)
+            unet = self.accelerator.unwrap_model(self.unet)
+            save_checkpoint_lora(Path(output_dir), unet, te)
+            # Also the diffusers format, so `pie simulate --lora CHECKPOINT` can compare checkpoints.
+            save_final_lora(Path(output_dir), unet, te)
         weights.clear()  # adapters only: accelerate must not write the whole base model
 
     def _load_hook(self, models, input_dir) -> None:
