@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := .cache/demo
 
-.PHONY: install test lint demo demo-model finetune simulate bench clean
+.PHONY: install test test-min lint demo demo-model finetune simulate bench clean
 
 # make finetune RECIPE=recipes/chexpert-lora.yaml DATA=/data/CheXpert-v1.0  (re-run to resume)
 # make simulate RECIPE=recipes/chexpert-lora.yaml IMAGE=cxr.png MASK=lung.png PROMPT="large left pleural effusion"
@@ -17,9 +17,10 @@ FT_OUT ?= runs/finetune/$(NAME)
 
 install: $(STAMP)
 
-$(STAMP): requirements/dev.txt pyproject.toml
+$(STAMP): requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/dev-nodeps.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
@@ -29,6 +30,20 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The fast tests against the oldest versions pyproject.toml declares (torch stays the pinned CPU build):
+# proves the lower bounds are true. Its own venv, rebuilt when pyproject.toml changes.
+MIN_VENV := .venv-min
+test-min: $(MIN_VENV)/.installed-stamp
+	$(MIN_VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+$(MIN_VENV)/.installed-stamp: pyproject.toml requirements/dev.txt requirements/dev-nodeps.txt requirements/lowest.py
+	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) requirements/lowest.py > $(MIN_VENV)/lowest.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(MIN_VENV)/lowest.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/dev-nodeps.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
 
 demo: $(STAMP)
 	$(BIN)/pie demo case --out $(DEMO) --overwrite
@@ -60,4 +75,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_finetune.py
 
 clean:
-	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) .cache runs .pytest_cache .ruff_cache *.egg-info

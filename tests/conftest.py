@@ -204,9 +204,21 @@ def tiny_unet_variant(tiny_model, tmp_path_factory) -> Path:
 def hf_snapshot():
     """Lay a model out in the (hermetic) HF cache the way huggingface_hub caches a download:
     ``models--ORG--NAME/refs/main`` naming ``snapshots/<commit>/``. Returns the snapshot folder.
+
+    ``like_hub=True`` lays it out exactly as huggingface_hub does (``blobs/<etag>``, the snapshot's
+    files symlinks into them, ``refs/<each of refs>``; ``tests/hf_cache.py``) instead of copying.
     """
 
-    def put(model: Path, repo_id: str, commit: str = HF_COMMIT) -> Path:
+    def put(
+        model: Path, repo_id: str, commit: str = HF_COMMIT, *, like_hub: bool = False, refs: tuple = ("main",)
+    ) -> Path:
+        if like_hub:
+            from tests.hf_cache import lay_out
+
+            files = {
+                p.relative_to(model).as_posix(): p.read_bytes() for p in Path(model).rglob("*") if p.is_file()
+            }
+            return lay_out(repo_id, files, commit=commit, refs=refs)
         repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
         snapshot = repo / "snapshots" / commit
         shutil.copytree(model, snapshot)

@@ -56,7 +56,18 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         envvar="PIE_MODEL",
-        help="Model: a diffusers directory, an alias (`pie models list`) or a Hugging Face repo id in the local cache.",
+        help="Model: a diffusers directory, a single-file .safetensors/.ckpt checkpoint, an alias (`pie models list`) "
+        "or a Hugging Face repo id in the local cache.",
+    ),
+]
+ModelConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-config",
+        metavar="DIR|ALIAS",
+        show_default=False,
+        help="For a single-file --model: the diffusers-layout folder or alias whose configs and tokenizer "
+        "describe it (default: pie's built-in SD 1.x configs). Never downloads.",
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", envvar="PIE_SEED", help="Seed of the one random generator.")]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pie_cli.core.devices import Placement
-from pie_cli.core.model_files import LORA_FILE, check_weights, lora_weight_file, part_folder
+from pie_cli.core.model_files import LORA_FILE, lora_weight_file, part_folder, weight_choices
 from pie_cli.core.parameters import SCHEDULER_CHOICES
 from pie_cli.core.progression import Components
 from pie_cli.core.registry import ModelSource
@@ -82,26 +82,158 @@ def load_parts(
     """(unet, vae, text_encoder, tokenizer) of ``source`` on the CPU, in ``dtype`` (default fp32).
 
     ``vae_dtype`` defaults to ``dtype``. The parts are checked to belong together.
+    A single-file checkpoint is read by :func:`_single_file_parts`.
     """
+    if source.checkpoint is not None:
+        return _single_file_parts(source, dtype, vae_dtype, allow_pickle, warn)
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    safe = check_weights(source, allow_pickle, warn)
+    # CLIPTokenizerFast reads tokenizer.json (the demo model ships only that) on transformers 4.x too;
+    # on 5.x it is CLIPTokenizer itself.
+    from transformers import CLIPTextModel
+    from transformers import CLIPTokenizerFast as CLIPTokenizer
+
+    chosen = weight_choices(source, allow_pickle, warn)  # safetensors or pickle, default weights or a variant
     root = source.path
 
     def opts(part: str) -> dict:
-        return {"local_files_only": True, "use_safetensors": safe[part]}
+        return {"local_files_only": True, **chosen[part].load_options()}
 
     typed = {} if dtype is None else {"torch_dtype": dtype}
     vae_typed = {} if (vae_dtype or dtype) is None else {"torch_dtype": vae_dtype or dtype}
     unet = UNet2DConditionModel.from_pretrained(part_folder(source, "unet"), **typed, **opts("unet"))
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **vae_typed, **opts("vae"))
-    text_encoder = CLIPTextModel.from_pretrained(
-        root, subfolder="text_encoder", **({} if dtype is None else {"dtype": dtype}), **opts("text_encoder")
+    text_encoder, info = CLIPTextModel.from_pretrained(
+        root,
+        subfolder="text_encoder",
+        output_loading_info=True,
+        **({} if dtype is None else {"dtype": dtype}),
+        **opts("text_encoder"),
     )
+    missing = [k for k in info.get("missing_keys", ()) if "position_ids" not in k]
+    if missing:
+        # transformers would run it with random weights (e.g. a 5.x checkpoint read by transformers 4.x).
+        raise UserError(
+            f"model {source.reference}: the text encoder's weights do not match its config ({len(missing)} "
+            f"tensors missing, e.g. {missing[0]}); it may have been saved by another transformers version."
+        )
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
     _check_fit(source, unet, text_encoder, vae)
     return unet, vae, text_encoder, tokenizer
+
+
+def _single_file_parts(source: ModelSource, dtype: Any, vae_dtype: Any, allow_pickle: bool, warn) -> tuple:
+    """(unet, vae, text_encoder, tokenizer) from a single-file checkpoint and the configs of ``source.path``.
+
+    Through diffusers' single-file loaders, always with the local configs and
+    ``local_files_only`` (without a ``config`` diffusers looks the model's configs up on the Hub):
+    ``from_single_file`` for the UNet and VAE, and the CLIP converter ``from_single_file`` uses for
+    the text encoder. The file is read once, and checked against the configs before any model
+    is built. A ``--unet`` replaces the checkpoint's UNet.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        SingleFileComponentError,
+        create_diffusers_clip_model_from_ldm,
+    )
+    from transformers import CLIPTextModel
+    from transformers import CLIPTokenizerFast as CLIPTokenizer
+
+    from pie_cli.core.single_file import check_layout, check_source_weights, config_name
+
+    path = source.checkpoint
+    safe = check_source_weights(source, allow_pickle, warn)  # a .ckpt only with --allow-pickle
+    state = _read_checkpoint(path)
+    check_layout({k: tuple(v.shape) for k, v in state.items()}, path, source.path, source.config)
+    root = str(source.path)
+    common = {"config": root, "local_files_only": True}
+    model_dtype = dtype or torch.float32
+    # Built in the file's own dtypes and cast once every tensor is known to be there: diffusers leaves
+    # what the file lacks unset (on the meta device), only logging it, and moving such a model fails.
+    lacks = (
+        f"single file {path} lacks some of the {{}}'s weights; it does not fit {config_name(source.config)}."
+    )
+    what = "UNet"
+    try:
+        if source.unet is not None:
+            unet = UNet2DConditionModel.from_pretrained(
+                source.unet, torch_dtype=model_dtype, local_files_only=True, use_safetensors=safe["unet"]
+            )
+        else:
+            unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+        what = "VAE"
+        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
+        what = "text encoder"
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state, subfolder="text_encoder", **common
+        )
+        what = "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+    except NotImplementedError as exc:
+        if "meta tensor" not in str(exc):
+            raise
+        raise UserError(lacks.format(what)) from None
+    except (
+        SingleFileComponentError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        OSError,
+        TypeError,
+        AttributeError,
+    ) as exc:
+        raise UserError(
+            f"single file {path} does not load with {config_name(source.config)} "
+            f"({what}: {one_line(exc)})".rstrip(".")
+            + "."
+        ) from None
+    del state
+    for what, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            raise UserError(lacks.format(what))
+    unet.to(model_dtype)
+    vae.to(vae_dtype or model_dtype)
+    text_encoder.to(model_dtype)
+    _check_fit(source, unet, text_encoder, vae)
+    return unet, vae, text_encoder, tokenizer
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The tensors of a single file: safetensors, or a ``.ckpt`` read weights-only (the caller allowed the pickle)."""
+    import torch
+
+    where = f"single file {path}"
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{where} cannot be read as safetensors ({one_line(exc)}).") from None
+    import pickle
+    import zipfile
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{where} holds Python objects besides tensors (a training run's callbacks or optimizer), which pie "
+            "does not unpickle even with --allow-pickle; save its state_dict alone, or as .safetensors."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{where} is not a readable PyTorch checkpoint ({one_line(exc)}).") from None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    tensors = (
+        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if isinstance(data, dict)
+        else {}
+    )
+    if not tensors:
+        raise UserError(f"{where} holds no tensors (not a state dict); it is not a model checkpoint.")
+    return tensors
 
 
 def load_scheduler(source: ModelSource) -> Any:
@@ -158,6 +290,7 @@ def load(
     key = (
         allow_pickle,
         str(source.path),
+        str(source.checkpoint) if source.checkpoint else None,
         str(source.unet) if source.unet else None,
         tuple((str(a.path), a.weight) for a in source.loras),
         str(placement.dtype),

@@ -27,6 +27,9 @@ MAX_TRAINING_SEED = 2**32
 # Choice lists (the CLI's enums are built from these tuples).
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 SCHEDULER_CHOICES = ("model", "pndm", "ddim", "dpm++", "euler")
+# A prompt longer than the text encoder's window (77 tokens for SD 1.x): "truncate" reads its first
+# 77 (the original's), "chunk" encodes all of it in windows whose embeddings are concatenated.
+LONG_PROMPT_CHOICES = ("truncate", "chunk")
 
 
 def denoise_count(inference_steps: int, strength: float) -> int:
@@ -61,6 +64,8 @@ class PieConfig:
     # across a feather of preserve_feather pixels (None: one latent cell, 8 px at the working size).
     preserve_outside: bool = False
     preserve_feather: int | None = None
+    # Opt-in, not the original's: "chunk" encodes every token of a long prompt (core.progression.encode_text).
+    long_prompt: str = "truncate"
 
     def prompt_at(self, n: int) -> str:
         return self.prompt_schedule[n - 1] if self.prompt_schedule else self.prompt
@@ -139,6 +144,10 @@ class PieConfig:
         if self.preserve_feather is not None and not 0 <= self.preserve_feather <= MAX_RESOLUTION:
             found.append(
                 ("preserve_feather", f"must be in 0..{MAX_RESOLUTION} pixels, got {self.preserve_feather}")
+            )
+        if self.long_prompt not in LONG_PROMPT_CHOICES:
+            found.append(
+                ("long_prompt", f"must be one of {', '.join(LONG_PROMPT_CHOICES)}, got {self.long_prompt!r}")
             )
         return found
 

@@ -16,6 +16,11 @@ diffusers' own img2img for the maskless case):
               geometry; prompt p;
               N steps, strength g, guidance w, blend weights b1 (outside) and b2 (inside), T
     prepare:  x0 -> z_init = sf * sample(VAE.encode(x0)); text embeddings of [negative, prompt];
+              (each text truncated to the tokenizer's L = 77 tokens, BOS and EOS included;
+              opt-in, not the original's: ``long_prompt="chunk"`` encodes all of it, 75 tokens per
+              window wrapped in BOS/EOS and padded to L, windows concatenated along the sequence,
+              every text padded with empty windows to the most any needs: the negative and each
+              prompt share one length; a text within one window is encoded as truncating does)
               M = bilinear (no antialias) mask at latent size, in [0, 1];
               ts = scheduler.timesteps[T - k:] with k = min(int(T * strength), T)
     step n:   z   = sf * sample(VAE.encode(x_{n-1}));  z_t = add_noise(z, e, ts[0])
@@ -194,18 +199,53 @@ def mask_to_latent(
 
 
 @torch.no_grad()
-def encode_text(components: Components, texts: list[str]) -> torch.Tensor:
-    """CLIP embeddings of ``texts``, padded to the tokenizer's max length."""
+def encode_text(components: Components, texts: list[str], long_prompt: str = "truncate") -> torch.Tensor:
+    """CLIP embeddings of ``texts`` [B, L, D], each padded to the tokenizer's max length L.
+
+    ``long_prompt="chunk"``: every token is read, in windows of L - 2 tokens, each wrapped in
+    BOS/EOS and padded to L, and a text's window embeddings are concatenated along the sequence
+    ([B, n * L, D]). All texts get the same n, the most any of them needs (empty windows pad the
+    others), so the negative prompt and every prompt of a schedule stay interchangeable. When
+    every text fits one window this is the truncating encoding exactly.
+    """
     tok = components.tokenizer
+    if long_prompt == "chunk":
+        windows = _chunk_token_ids(tok, texts)
+        if windows is not None:
+            hidden = _encode_ids(components, *windows)  # [B * n, L, D]
+            return hidden.reshape(len(texts), -1, hidden.shape[-1])
     batch = tok(
         texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
     )
+    return _encode_ids(components, batch.input_ids, batch.attention_mask)
+
+
+def _chunk_token_ids(tok: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(input ids, attention mask) [B * n, L] of every text cut into n windows; None when n is 1."""
+    length = tok.model_max_length
+    width = length - 2  # BOS and EOS around each window
+    content = tok(texts, add_special_tokens=False, truncation=False).input_ids
+    n = max([1, *(math.ceil(len(ids) / width) for ids in content)])
+    if n == 1:
+        return None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows, masks = [], []
+    for ids in content:
+        for c in range(n):
+            window = [tok.bos_token_id, *ids[c * width : (c + 1) * width], tok.eos_token_id]
+            rows.append(window + [pad] * (length - len(window)))
+            masks.append([1] * len(window) + [0] * (length - len(window)))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
+
+
+def _encode_ids(
+    components: Components, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The text encoder's last hidden states of token ids (the mask only where the encoder uses one)."""
     enc = components.text_encoder
     device = next(enc.parameters()).device
-    attention_mask = None
-    if getattr(enc.config, "use_attention_mask", False):
-        attention_mask = batch.attention_mask.to(device)
-    return enc(batch.input_ids.to(device), attention_mask=attention_mask)[0]
+    mask = attention_mask.to(device) if getattr(enc.config, "use_attention_mask", False) else None
+    return enc(input_ids.to(device), attention_mask=mask)[0]
 
 
 @torch.no_grad()
@@ -292,7 +332,9 @@ def _prepare(
     x0 = prepare_image(image, config.resolution, config.fit)
     # 2. Text, once per run and in one batch: the unconditional (negative) text, then every prompt.
     prompts = config.prompts()
-    embeddings = encode_text(components, [config.negative_prompt, *prompts]).to(components.unet.dtype)
+    embeddings = encode_text(components, [config.negative_prompt, *prompts], config.long_prompt).to(
+        components.unet.dtype
+    )
     by_prompt = {p: embeddings[i + 1 : i + 2] for i, p in enumerate(prompts)}
     # 3. Initial latents, once per run.
     posterior0 = _repeat_posterior(encode_posterior(components, image_to_tensor(x0, device)), len(generators))

@@ -82,13 +82,16 @@ class ModelSource:
     """A resolved model reference: where its files are and how it was found."""
 
     reference: str
-    path: Path
-    origin: str  # "directory" | "hf-cache" | "built-in"
+    path: Path  # the diffusers-layout folder: the model, or (single file) the configs describing it
+    origin: str  # "directory" | "hf-cache" | "built-in" | "single-file"
     repo_id: str | None = None
     revision: str | None = None  # commit hash for hf-cache models
     alias: str | None = None
     unet: Path | None = None  # a fine-tuned UNet replacing the model's own
     loras: tuple[Adapter, ...] = ()
+    # A single-file checkpoint (.safetensors / .ckpt): its weights, with ``path``'s configs and tokenizer.
+    checkpoint: Path | None = None
+    config: str | None = None  # how those configs were named: --model-config as given, or "built-in"
 
     def with_overrides(self, unet: Path | None = None, loras: tuple[Adapter, ...] = ()) -> ModelSource:
         """This model with ``--unet`` replacing its UNet and ``--lora`` adapters after its own."""
@@ -104,7 +107,17 @@ class ModelSource:
             "alias": self.alias,
             "unet": str(self.unet) if self.unet else None,
             "loras": [a.spec() for a in self.loras],
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "config": self.config,
+            # the weight files loading reads, per part, with their sizes, variant and SHA-256
+            "weights": _loaded_weights(self),
         }
+
+
+def _loaded_weights(source: ModelSource) -> list[dict]:
+    from pie_cli.core.model_files import loaded_weights
+
+    return loaded_weights(source)
 
 
 class ModelNotCached(UserError):
@@ -126,10 +139,11 @@ class UserModel:
     """One entry of ``models.json``; a damaged entry keeps what was there and says what is wrong."""
 
     target: str
-    kind: str = "model"  # model | lora | unet
+    kind: str = "model"  # model | lora | unet | single-file
     base: str | None = None  # for lora / unet entries: the model they apply to
     weight: float = 1.0
     added: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    config: str | None = None  # for a single-file entry: the --model-config describing it (None: built-in)
     problem: str | None = field(default=None, compare=False)  # why this entry cannot be used
     raw: Any = field(default=None, compare=False, repr=False)  # a damaged entry as read, written back as is
 
@@ -142,10 +156,13 @@ class UserModel:
             "base": self.base,
             "weight": self.weight,
             "added": self.added,
+            **({"config": self.config} if self.config is not None else {}),
         }
 
 
-KINDS = ("model", "lora", "unet")
+SINGLE_FILE = "single-file"  # a .safetensors / .ckpt checkpoint, with the configs that describe it
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+KINDS = ("model", "lora", "unet", SINGLE_FILE)
 MAX_ALIAS_CHAIN = 32  # an alias of an alias of ...: deeper is a mistake (or a loop)
 
 
@@ -205,11 +222,15 @@ def _entry(name: str, entry: Any) -> UserModel:
         return broken(f"its kind is {kind!r}, not one of {', '.join(KINDS)}")
     if base is not None and (not isinstance(base, str) or not base.strip()):
         return broken(f"its base is {base!r}, not a model reference")
-    if kind != "model" and base is None:
+    if kind not in ("model", SINGLE_FILE) and base is None:
         return broken(f"it is a {kind} without a base model")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         return broken(f"its weight is {weight!r}, not a finite number")
-    return UserModel(target, kind, base, float(weight), added if isinstance(added, str) else "", raw=entry)
+    config = entry.get("config")
+    if config is not None and (not isinstance(config, str) or not config.strip()):
+        return broken(f"its config is {config!r}, not a model reference")
+    added = added if isinstance(added, str) else ""
+    return UserModel(target, kind, base, float(weight), added, config, raw=entry)
 
 
 @contextmanager
@@ -248,16 +269,19 @@ def add_alias(
     base: str | None = None,
     weight: float = 1.0,
     force: bool = False,
+    config: str | None = None,
     note: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> UserModel:
-    """Register ``name`` for ``target`` (a model, a UNet or a LoRA; the latter two need a base).
+    """Register ``name`` for ``target`` (a model, a single-file checkpoint, a UNet or a LoRA; the latter two need a base).
 
     The base of a `pie finetune` output is read from its ``training_config.yaml`` when not
     given (``note`` says so); a model target that does not resolve offline is registered with
-    a ``warn``ing. The registry is edited under its cross-process lock.
+    a ``warn``ing. A single file is registered with ``config`` (``--model-config``; default: pie's
+    built-in SD 1.x configs) once it fits them. The registry is edited under its cross-process lock.
     """
     from pie_cli.core.model_files import classify_target, trained_on
+    from pie_cli.core.single_file import looks_like_checkpoint
     from pie_cli.imaging.files import writing
 
     if not ALIAS_NAME.match(name):
@@ -271,10 +295,28 @@ def add_alias(
     models = load_user_models()
     if name in models and not force:
         raise UserError(f"alias {name} already exists ({models[name].target}); pass --force to replace it.")
-    kind = classify_target(target)
     path = Path(target).expanduser()
+    single = path.is_file() and (
+        path.suffix.lower() not in SINGLE_FILE_SUFFIXES or looks_like_checkpoint(path)
+    )
+    kind = SINGLE_FILE if single else classify_target(target)
     stored = str(path.resolve()) if path.exists() else target
-    if kind in {"lora", "unet"}:
+    if config is not None and kind != SINGLE_FILE:
+        raise UserError(f"--model-config is for single-file checkpoints; {target} is a {kind}.")
+    if kind == SINGLE_FILE:
+        if base:
+            raise UserError(
+                f"--base is only for LoRA adapters and UNets; {target} is a whole-model checkpoint."
+            )
+        config_path = Path(config).expanduser() if config is not None else None
+        if config_path is not None and config_path.exists():
+            config = str(config_path.resolve())
+        try:
+            resolve(stored, config=config)  # the file fits its configs (a pickle is not opened)
+        except ModelNotCached as exc:
+            if warn is not None:
+                warn(exc.message)
+    elif kind in {"lora", "unet"}:
         if not base:
             base = trained_on(path)
             if base and note is not None:
@@ -295,7 +337,7 @@ def add_alias(
         found = status(target, models)
         if found.status != "ok" and warn is not None:
             warn(found.reason or found.detail)
-    entry = UserModel(target=stored, kind=kind, base=base, weight=weight)
+    entry = UserModel(target=stored, kind=kind, base=base, weight=weight, config=config)
     with writing(user_models_file()), edit_user_models() as current:  # locked: a concurrent add is kept
         if name in current and name not in models and not force:
             raise UserError(f"alias {name} was just added by another process; pass --force to replace it.")
@@ -312,6 +354,8 @@ def hf_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str] |
     if not repo_dir.is_dir():
         return None
     rev = revision or "main"
+    if rev.startswith("/") or ".." in rev.split("/"):
+        return None  # a ref name never leaves refs/
     commit = rev
     ref = repo_dir / "refs" / rev
     if ref.is_file():
@@ -334,11 +378,30 @@ def _explicit_path(reference: str) -> bool:
 
 def _looks_like_path(reference: str) -> bool:
     """Meant as a file system path rather than a repo id (``org/name``)."""
-    return reference.startswith((".", "/", "~")) or "\\" in reference or reference.endswith(".safetensors")
+    return (
+        reference.startswith((".", "/", "~"))
+        or "\\" in reference
+        or reference.lower().endswith(SINGLE_FILE_SUFFIXES)
+    )
 
 
-def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
-    """Resolve a model reference to local files, or raise a ``UserError`` saying what to do."""
+def resolve(reference: str, *, config: str | None = None, _seen: tuple[str, ...] = ()) -> ModelSource:
+    """Resolve a model reference to local files, or raise a ``UserError`` saying what to do.
+
+    ``config`` (``--model-config DIR|alias``) names the diffusers-layout folder whose configs and
+    tokenizer describe a single-file checkpoint; without it a single file uses pie's built-in
+    SD 1.x configs (or those its alias was registered with). A model folder has its own.
+    """
+    source = _resolve(reference, config, _seen)
+    if config is not None and source.checkpoint is None:
+        raise UserError(
+            f"--model-config {config} describes a single-file checkpoint, but --model {reference} is a model "
+            "in diffusers layout with its own configs; drop --model-config."
+        )
+    return source
+
+
+def _resolve(reference: str, config: str | None, _seen: tuple[str, ...]) -> ModelSource:
     reference = reference.strip()
     if not reference:
         raise UserError(
@@ -363,7 +426,7 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
                 f"model alias {reference} in {user_models_file()} is broken: {entry.problem}; "
                 f"fix it there or remove it with `pie models remove {reference}`."
             )
-        return _resolve_user(reference, entry, _seen + (reference,))
+        return _resolve_user(reference, entry, _seen + (reference,), config)
     if not explicit_path and reference in BUILTIN_LOCAL:
         local = BUILTIN_LOCAL[reference]
         if not (local / "model_index.json").is_file():
@@ -377,14 +440,12 @@ def resolve(reference: str, *, _seen: tuple[str, ...] = ()) -> ModelSource:
     path = Path(reference).expanduser()
     if path.exists():
         if path.is_file():
-            raise UserError(
-                f"model {reference} is a single file; pie needs a model in diffusers layout "
-                "(a directory with unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
-            )
+            return _single_file(reference, path, config, _seen)
         check_model_dir(path, reference)
         return ModelSource(reference, path.resolve(), "directory")
     if _looks_like_path(reference):
-        raise UserError(f"model directory {reference} does not exist.")
+        kind = "file" if reference.lower().endswith(SINGLE_FILE_SUFFIXES) else "directory"
+        raise UserError(f"model {kind} {reference} does not exist.")
     match = REPO_ID.match(reference)
     if match:
         return _resolve_repo(match["repo"], match["rev"], reference)
@@ -417,12 +478,16 @@ def _resolve_repo(repo_id: str, revision: str | None, reference: str) -> ModelSo
     return ModelSource(reference, snapshot, "hf-cache", repo_id=repo_id, revision=commit)
 
 
-def _resolve_user(name: str, entry: UserModel, seen: tuple[str, ...]) -> ModelSource:
-    if entry.kind == "model":
-        return replace(resolve(entry.target, _seen=seen), reference=name, alias=name)
+def _resolve_user(
+    name: str, entry: UserModel, seen: tuple[str, ...], config: str | None = None
+) -> ModelSource:
+    if entry.kind in ("model", SINGLE_FILE):
+        # A single file's alias keeps the configs it was registered with, unless --model-config names others.
+        found = _resolve(entry.target, config or entry.config, seen)
+        return replace(found, reference=name, alias=name)
     if not entry.base:
         raise UserError(f"model alias {name} is a {entry.kind} without a base model; re-add it with --base.")
-    base = resolve(entry.base, _seen=seen)
+    base = _resolve(entry.base, config, seen)
     target = Path(entry.target)
     if not target.exists():
         raise UserError(f"model alias {name} points to {target}, which no longer exists.")
@@ -430,6 +495,33 @@ def _resolve_user(name: str, entry: UserModel, seen: tuple[str, ...]) -> ModelSo
         adapter = Adapter(target, entry.weight, lora_weight_file(target))
         return replace(base, reference=name, alias=name, loras=(*base.loras, adapter))
     return replace(base, reference=name, alias=name, unet=target)
+
+
+def _single_file(reference: str, path: Path, config: str | None, seen: tuple[str, ...]) -> ModelSource:
+    """A single-file checkpoint with the configs that describe it, checked as far as reading its header allows."""
+    from pie_cli.core.single_file import BUILTIN_CONFIG, BUILTIN_CONFIG_NAME, check_config_dir, check_file
+
+    folder, label = BUILTIN_CONFIG, BUILTIN_CONFIG_NAME
+    if config is not None:
+        try:
+            described = None if Path(config).expanduser().is_file() else _resolve(config, None, seen)
+        except ModelNotCached:
+            raise
+        except UserError as exc:
+            raise UserError(f"--model-config {config}: {exc.message}") from None
+        if described is None or described.checkpoint is not None:
+            raise UserError(
+                f"--model-config {config} is itself a single file; give the diffusers-layout folder (or alias) "
+                f"whose configs describe {path}."
+            )
+        if described.loras or described.unet:
+            raise UserError(
+                f"--model-config {config} is a LoRA or UNet on a model; give the model whose configs describe {path}."
+            )
+        folder, label = described.path, config
+    check_config_dir(folder, label)
+    check_file(path, folder, label)
+    return ModelSource(reference, folder, "single-file", checkpoint=path.resolve(), config=label)
 
 
 # --------------------------------------------------------------------------- options
@@ -468,12 +560,24 @@ class ModelStatus:
     status: str
     detail: str  # the path when ok, else what is wrong or what to do
     reason: str | None = None  # the resolution error's own sentence, when not ok
+    # when ok, its weights in a few words: "safetensors", "safetensors, fp16 variant (unet)", "pickle only ..."
+    weights: str | None = None
 
 
 def status(reference: str, users: dict[str, UserModel] | None = None) -> ModelStatus:
-    """Resolve ``reference`` without loading anything and say whether it is usable here."""
+    """Resolve ``reference`` without loading anything and say whether it is usable here.
+
+    A model that resolves but has a part without weights (a pull that fetched only configs) is
+    broken; one whose weights are pickles only is ok, its ``weights`` saying it needs --allow-pickle.
+    """
+    from pie_cli.core.model_files import weights_status
+
     try:
-        return ModelStatus("ok", str(resolve(reference).path))
+        source = resolve(reference)
+        problem, weights = weights_status(source)
+        if problem is not None:
+            return ModelStatus("broken", problem, problem)
+        return ModelStatus("ok", str(source.checkpoint or source.path), weights=weights)
     except UserError as exc:
         entry = (users if users is not None else _users_or_empty()).get(reference)
         if entry is not None and entry.kind != "model" and not Path(entry.target).exists():
@@ -518,6 +622,7 @@ def entries(users: dict[str, UserModel] | None = None) -> list[dict]:
                 "source": "user",
                 "target": entry.target or "(damaged entry)",
                 "base": entry.base,
+                "config": entry.config,
                 "note": "",
             }
         )
@@ -525,9 +630,18 @@ def entries(users: dict[str, UserModel] | None = None) -> list[dict]:
 
 
 def source_fingerprint(source: ModelSource) -> str:
-    """:func:`model_files.fingerprint` of everything ``source`` loads: its parts, --unet, its LoRA files."""
-    from pie_cli.core.model_files import COMPONENTS, fingerprint
+    """:func:`model_files.fingerprint` of everything ``source`` loads: its parts, --unet, its LoRA files.
+
+    A single-file checkpoint counts by its whole content's SHA-256 (a fine-tune keeps the file's
+    size and often its first and last tensors), with the configs that describe it.
+    """
+    from pie_cli.core.model_files import COMPONENTS, file_digest, fingerprint
 
     folders = [source.unet if (c == "unet" and source.unet) else source.path / c for c in COMPONENTS]
     files = [a.file or lora_weight_file(a.path) or a.path for a in source.loras]
-    return fingerprint([f for f in folders if Path(f).is_dir()], [f for f in files if Path(f).is_file()])
+    found = fingerprint([f for f in folders if Path(f).is_dir()], [f for f in files if Path(f).is_file()])
+    if source.checkpoint is None:
+        return found
+    import hashlib
+
+    return hashlib.sha256(f"{found}\0{file_digest(source.checkpoint)}".encode()).hexdigest()[:16]

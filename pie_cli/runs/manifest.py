@@ -4,7 +4,8 @@ A simulate manifest says what made the run and how far it got::
 
     pie_version, command ("simulate"), synthetic (true),
     parameters   every PIE parameter as given (and the schedules' parsed values),
-    model        the resolved model: path, origin, repo and revision, UNet, LoRA adapters,
+    model        the resolved model: path, origin, repo and revision, UNet, LoRA adapters, the
+                 weight files it loaded (``weights``: part, file, bytes, format, variant, sha256),
     run          how the model and device were asked for (what --resume needs to rebuild it),
     scheduler    class, timesteps of step 1, UNet calls per step,
     inputs       image and mask identified by SHA-256 and pixel geometry (never by path),

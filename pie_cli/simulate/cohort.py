@@ -351,6 +351,9 @@ def _changed(out: Path, spec: SimulateSpec) -> str | None:
     run = manifest.get("run") if isinstance(manifest.get("run"), dict) else {}
     if run.get("model") != spec.model:
         return f"model {run.get('model')!r} -> {spec.model!r}"
+    config = str(spec.model_config) if spec.model_config is not None else None
+    if run.get("model_config") != config:
+        return f"model config {run.get('model_config')!r} -> {config!r}"
     inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
     if (
         spec.image is not None

@@ -108,11 +108,22 @@ def plan_resume(
     model = record.get("model")
     if not isinstance(model, str):
         raise UserError(f"{where} records run.model = {model!r}, which is not a model reference.")
+    model_config = record.get("model_config")
+    if model_config is not None and not isinstance(model_config, str):
+        raise UserError(
+            f"{where} records run.model_config = {model_config!r}, which is not a model reference."
+        )
+    if base.model_config is not None and base.model_config != model_config:
+        raise UserError(
+            f"--resume: --model-config differs from the run in {out}; drop it to continue the run as it was "
+            "started, or start a new run with the new value."
+        )
     spec = replace(
         base.with_values(**values),
         image=subs[0] / frame_name(0),
         mask=out / MASK if (out / MASK).is_file() else None,
         model=model,
+        model_config=model_config,
         out=out,
         device=base.device if base.device != "auto" else str(record.get("device", "auto")),
         dtype=base.dtype if base.dtype != "auto" else str(record.get("dtype", "auto")),
@@ -177,16 +188,17 @@ def plan_resume(
     image, mask, full, _ = fit_inputs(spec, config, image, raw_mask)
     adapters = tuple(parse_lora(s) for s in spec.lora)
     unet_path = resolve_unet_path(spec.unet) if spec.unet else None
-    source = resolve(spec.model).with_overrides(unet=unet_path, loras=adapters)
+    source = resolve(spec.model, config=spec.model_config).with_overrides(unet=unet_path, loras=adapters)
     recorded = top.get("model", {}).get("fingerprint") if isinstance(top.get("model"), dict) else None
     if recorded is not None and recorded != source_fingerprint(source):
         raise UserError(
             f"--resume: the model of {out} changed since the run started ({spec.model} now resolves to "
-            f"{source.path}, with other files); continuing would mix two models. Point it back, or start a new run."
+            f"{source.checkpoint or source.path}, with other files); continuing would mix two models. Point it back, "
+            "or start a new run."
         )
-    from pie_cli.core.model_files import check_weights
+    from pie_cli.core.single_file import check_source_weights
 
-    check_weights(source, spec.allow_pickle)  # a pickle opens only when this command says --allow-pickle
+    check_source_weights(source, spec.allow_pickle)  # a pickle opens only with this command's --allow-pickle
     inputs = Inputs(config, image, mask, source, unet_path, adapters, full)
     return spec, inputs, Resume(ResumePoint(step, frames, states), manifests)
 

@@ -87,8 +87,9 @@ class SimulateResult:
 
 def prepare_inputs(spec: SimulateSpec) -> Inputs:
     """Check everything cheaply and read the image and mask; nothing is loaded or created."""
-    from pie_cli.core.model_files import check_weights, resolve_unet_path
+    from pie_cli.core.model_files import resolve_unet_path
     from pie_cli.core.registry import parse_lora, resolve
+    from pie_cli.core.single_file import check_source_weights
     from pie_cli.imaging.masks import require_image_size
     from pie_cli.imaging.media import open_image, require_opaque
 
@@ -102,8 +103,8 @@ def prepare_inputs(spec: SimulateSpec) -> Inputs:
     image, mask, full, notes = fit_inputs(spec, config, image, raw_mask)
     adapters = tuple(parse_lora(s) for s in spec.lora)
     unet = resolve_unet_path(spec.unet) if spec.unet is not None else None
-    source = resolve(spec.model).with_overrides(unet=unet, loras=adapters)
-    check_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is loaded
+    source = resolve(spec.model, config=spec.model_config).with_overrides(unet=unet, loras=adapters)
+    check_source_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is loaded
     check_output(spec, source)
     return Inputs(config, image, mask, source, unet, adapters, full, notes)
 
@@ -178,7 +179,8 @@ def check_output(spec: SimulateSpec, source: ModelSource) -> None:
         ("IMAGE", spec.image),
         ("--mask", spec.mask),
         ("--prompt-schedule", spec.prompt_schedule),
-        ("--model", source.path),
+        ("--model", source.checkpoint or source.path),
+        ("--model-config", source.path if source.checkpoint else None),
         ("--unet", source.unet),
         *[("--lora", adapter.path) for adapter in source.loras],
     ]
@@ -242,7 +244,10 @@ def check_against_model(spec: SimulateSpec, inputs: Inputs, components: Any, rep
         ("--negative-prompt", inputs.config.negative_prompt)
     ]:
         n = count_prompt_tokens(components.tokenizer, text)
-        if n > limit:
+        if n > limit and inputs.config.long_prompt == "chunk":
+            windows = -(-(n - 2) // (limit - 2))  # BOS and EOS wrap each window
+            reporter.note(f"{name} is {n} tokens; --long-prompt chunk reads all of it, in {windows} windows.")
+        elif n > limit:
             reporter.warn(
                 f"{name} is {n} tokens; the text encoder reads only the first {limit}, the rest is ignored."
             )
@@ -402,6 +407,7 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
         model={**inputs.source.describe(), "fingerprint": source_fingerprint(inputs.source)},
         run={
             "model": spec.model,
+            "model_config": spec.model_config,
             "unet": str(inputs.unet) if inputs.unet else None,
             "lora": [a.spec() for a in inputs.adapters],
             "device": spec.device,

@@ -57,6 +57,7 @@ class SimulateSpec:
     compile: bool = False
     watermark: bool = False
     allow_pickle: bool = False
+    model_config: str | None = None  # --model-config: the configs describing a single-file --model
     # Closed-loop pace (opt-in): each step keeps the candidate b2 whose frame --classifier scores
     # nearest the curve. pace: "linear", "linear:END", a comma list or a START:END ramp.
     pace: str | None = None

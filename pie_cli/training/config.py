@@ -45,6 +45,7 @@ class TrainSpec:
     max_samples: int | None = None
     # model and method
     model: str = "sd-v1-5"
+    model_config: str | None = None  # the configs describing a single-file --model (default: built-in SD 1.x)
     allow_pickle: bool = False  # load .bin/.ckpt weights of the base model (they can run code)
     out: str | None = None
     method: str = "lora"

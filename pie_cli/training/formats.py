@@ -241,7 +241,13 @@ def _hf(spec: TrainSpec, data: str, path: Path) -> TrainingData:
     import os
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never download at training time
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"--data {data} is a Hugging Face dataset, which needs the `datasets` package: "
+            "pip install 'pie-cli[hf]'."
+        ) from None
 
     try:
         if path.is_dir():

@@ -98,8 +98,8 @@ def plan(
     run's configuration (when resuming) > defaults. ``check_out=False`` skips the ``--out``
     checks (a dry run writes nothing).
     """
-    from pie_cli.core.model_files import check_weights
     from pie_cli.core.registry import resolve
+    from pie_cli.core.single_file import check_source_weights
     from pie_cli.training.data import class_records, load_data
 
     # 1. Configuration, checked before anything else.
@@ -123,10 +123,15 @@ def plan(
             raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
 
     # 2. Inputs, cheaply: model, data, images, and the output directory against them.
-    source = resolve(spec.model)
+    source = resolve(spec.model, config=spec.model_config)
     if source.loras:
         raise UserError(f"--model {spec.model} carries LoRA adapters; fine-tune from its base model instead.")
-    check_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is written
+    if source.checkpoint is not None and spec.method == "full":
+        raise UserError(
+            f"--method full writes a whole model, which needs --model in diffusers layout; convert {spec.model} "
+            "once with `pie models convert` and fine-tune the folder it writes."
+        )
+    check_source_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is written
     data = load_data(spec)
     prior = class_records(spec) if spec.class_data else None
     _check_out(spec, source, data, resume is None and check_out, overwrite)
@@ -159,7 +164,8 @@ def _check_out(
     table = Path(data.source) if data.format in ("csv", "jsonl") else None
     folder = Path(data.source) if data.format not in ("csv", "jsonl", "hf") else None
     inputs = [
-        ("--model", source.path),
+        ("--model", source.checkpoint or source.path),
+        ("--model-config", source.path if source.checkpoint else None),
         ("--unet", source.unet),
         ("--data", folder or table),
         ("--class-data", Path(spec.class_data) if spec.class_data else None),

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from pie_cli.core.registry import Adapter, resolve
-from tests.helpers import HF_COMMIT, simulate_argv
+from tests.helpers import simulate_argv
 
 
 def test_user_aliases_through_the_cli(cli, tiny_model, tiny_lora):
@@ -75,24 +75,7 @@ def test_corrupt_registry_file_is_named(cli):
     assert f"model registry {path} is not valid" in result.stderr
 
 
-def test_pull_downloads_only_what_pie_needs(cli, tiny_model, monkeypatch, hf_snapshot):
-    import huggingface_hub
-
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    seen = {}
-
-    def fake_snapshot_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
-        seen.update(repo_id=repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns)
-        return str(hf_snapshot(tiny_model, repo_id))
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    result = cli("models", "pull", "sd-v1-5")
-    assert result.exit_code == 0, result.output
-    assert seen["repo_id"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert seen["cache_dir"] == os.environ["HF_HUB_CACHE"]
-    assert all(not p.endswith((".bin", ".ckpt")) for p in seen["allow_patterns"])
-    assert "unet/diffusion_pytorch_model.safetensors" in seen["allow_patterns"]
-    assert resolve("sd-v1-5").revision == HF_COMMIT  # now resolvable offline
+# What `pie models pull` downloads, against a stand-in Hub: tests/core/test_hub_pull.py.
 
 
 def test_pull_refuses_when_offline_or_not_a_repo(cli):

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pie_cli.imaging.geometry import fit_geometry, full_res_window
-from pie_cli.imaging.media import to_rgb8
+from pie_cli.imaging.media import open_image, to_rgb8
 from tests.helpers import manifest, simulate_argv
 from tests.simulate.test_resume import interrupt_after
 
@@ -242,7 +242,7 @@ def test_full_res_frames_have_the_input_size_depth_and_pixels_outside_the_window
     outside[y0:y1, x0:x1] = False
     assert outside.any()
     for n, path in enumerate(sorted(out.glob("frame_*.png"))):
-        img = Image.open(path)
+        img = open_image(path)  # as pie reads it (Pillow < 10.? opens a 16-bit PNG as "I")
         assert img.size == (W, H) and img.mode == mode
         frame = np.asarray(img).astype(np.int64)
         assert np.array_equal(frame[outside], original[outside])
@@ -270,7 +270,7 @@ def test_full_res_with_preserve_outside_keeps_the_16_bit_film_beyond_the_feather
     beyond = ~dilated(np.asarray(Image.open(files["full_mask"])) > 0, 4)
     for path in sorted(out.glob("frame_*.png"))[1:]:
         frame = np.asarray(Image.open(path)).astype(np.int64)
-        assert Image.open(path).mode == "I;16"
+        assert open_image(path).mode == "I;16"
         assert np.array_equal(frame[beyond], original[beyond])
     assert manifest(out)["geometry"]["full_res"]["feather"] == 4
 
@@ -413,7 +413,7 @@ def test_a_cohort_sets_fit_and_full_res_per_case(cli, tiny_model, files, tmp_pat
     assert (pad["parameters"]["fit"], pad["parameters"]["preserve_outside"]) == ("pad", True)
     assert Image.open(out / "pad" / "frame_001.png").size == (43, 64)
     assert (
-        full["parameters"]["full_res"] is True and Image.open(out / "full" / "frame_001.png").mode == "I;16"
+        full["parameters"]["full_res"] is True and open_image(out / "full" / "frame_001.png").mode == "I;16"
     )
     assert plain["parameters"]["preserve_outside"] is False and plain["geometry"]["full_res"] is None
     bad = tmp_path / "bad.csv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from PIL import Image
 
 from tests.helpers import colour_folder
@@ -98,7 +99,9 @@ def test_ham10000_and_eyepacs(tmp_path):
 
 
 def test_saved_hugging_face_dataset(tmp_path):
-    import datasets
+    datasets = pytest.importorskip(
+        "datasets", reason="--data-format hf needs the optional `datasets` package"
+    )
 
     from pie_cli.training.data import load_data
 

@@ -10,6 +10,7 @@ import typer
 from pie_cli.cli.options import (
     AllowPickleOpt,
     DebugOpt,
+    ModelConfigOpt,
     ModelOpt,
     OutDirOpt,
     TrainingResolutionOpt,
@@ -31,6 +32,7 @@ def finetune(
         ),
     ] = DEFAULTS.data,
     model: ModelOpt = DEFAULTS.model,
+    model_config: ModelConfigOpt = DEFAULTS.model_config,
     out: OutDirOpt = DEFAULTS.out,
     config: Annotated[
         Path | None,

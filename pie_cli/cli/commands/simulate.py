@@ -14,6 +14,7 @@ from pie_cli.cli.options import (
     DeviceOpt,
     Dtype,
     DtypeOpt,
+    ModelConfigOpt,
     ModelOpt,
     OutOpt,
     OverwriteOpt,
@@ -51,6 +52,7 @@ def simulate(
         ),
     ] = None,
     model: ModelOpt = "sd-v1-5",
+    model_config: ModelConfigOpt = None,
     out: OutOpt = None,
     steps: Annotated[
         int, typer.Option("--steps", "-n", help="Progression steps N (frames after frame 0).")
@@ -86,6 +88,16 @@ def simulate(
     negative_prompt: Annotated[
         str, typer.Option("--negative-prompt", help="Text for the unconditional branch of guidance.")
     ] = DEFAULTS.negative_prompt,
+    long_prompt: Annotated[
+        str,
+        typer.Option(
+            "--long-prompt",
+            metavar="truncate|chunk",
+            help="A prompt longer than the text encoder's 77 tokens: 'truncate' reads its first 77 and warns "
+            "(the original's); 'chunk' reads all of it, 75 tokens per window, the windows' embeddings "
+            "concatenated (the negative prompt and every prompt of a schedule padded to as many windows).",
+        ),
+    ] = DEFAULTS.long_prompt,
     seed: SeedOpt = 42,
     resolution: ResolutionOpt = DEFAULTS.resolution,
     fit: Annotated[
@@ -294,6 +306,7 @@ def simulate(
         prompt=prompt,
         mask=mask,
         model=model,
+        model_config=model_config,
         out=out if out is not None else _default_out(image if image is not None else cohort),
         params=PieConfig(prompt="", **{name: given[name] for name in TUNABLE}),
         scheduler=scheduler.value,
