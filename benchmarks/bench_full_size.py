@@ -10,8 +10,9 @@ through the CLI as a user would (issue 15, item 6). Not a CI test: it writes abo
 2. As a user: ``pie models info bench/sd15-shaped``; ``pie simulate`` at 512 px (1 progression step,
    ``-T 4``, strength 0.5, with a mask); ``pie finetune --method lora`` (2 steps, 512 px, batch 1,
    ``--gradient-checkpointing``). Each is its own process: wall time and peak RSS are its own.
-3. The files each command opened under the cache (with ``strace -f -e trace=openat`` when it exists),
-   so the record shows that only the fp32 safetensors were read.
+3. What each command read: the weight files the run loaded (its manifest's ``model.weights``) and every
+   file it opened under the cache (``strace -f -e trace=openat`` when it exists; the resume fingerprint
+   opens each weight file for its first and last 64 kB, unused variants included, and unpickles nothing).
 
     python benchmarks/bench_full_size.py [--work DIR] [--keep]
 
@@ -21,6 +22,7 @@ Results: ``benchmarks/results/full_size.json`` and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -195,6 +197,15 @@ def main() -> int:
         }
         results = {name: run(re.sub(r"\W+", "_", name), argv, env, snapshot.parent.parent, work)
                    for name, argv in commands.items()}  # fmt: skip
+        manifest = json.loads((work / "run" / "manifest.json").read_text())
+        results["simulate 512 px, 1 step, T 4"]["loaded"] = [w["file"] for w in manifest["model"]["weights"]]
+        results["simulate 512 px, 1 step, T 4"]["progression_step_seconds"] = manifest["frames"][1]["seconds"]
+        with open(work / "ft" / "metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        results["finetune lora 2 steps, 512 px, batch 1, grad ckpt"]["step_seconds"] = [
+            round(float(r["seconds"]), 1)
+            for r in rows  # metrics.csv: seconds of each step
+        ]
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -210,11 +221,12 @@ def main() -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "full_size.json").write_text(json.dumps(record, indent=2) + "\n")
-    print("| command | wall (s) | peak RSS (MB) | weight files read |")
-    print("|---|---|---|---|")
+    print("| command | wall (s) | peak RSS (MB) | weights loaded | weight files opened |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        weights = [f for f in r["files_opened"] if f.endswith((".safetensors", ".bin"))]
-        print(f"| {name} | {r['seconds']} | {r['peak_rss_mb']} | {', '.join(weights) or '-'} |")
+        opened = [f.split("/", 2)[-1] for f in r["files_opened"] if f.endswith((".safetensors", ".bin"))]
+        loaded = ", ".join(r.get("loaded", [])) or "-"
+        print(f"| {name} | {r['seconds']} | {r['peak_rss_mb']} | {loaded} | {', '.join(opened) or '-'} |")
     return 0
 
 

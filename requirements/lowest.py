@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TOOLS = ("pytest", "hypothesis", "pluggy", "iniconfig", "sortedcontainers", "packaging")
 # Extras tested at their floors too (xrv needs torchvision, whose PyPI build does not match this torch).
 EXTRAS = ("video", "report", "hf")
+# Packages pie does not depend on directly, held where their newest release refuses the floors above:
+# pyarrow >= 21 needs NumPy 2 (the floor is 1.26) and dropped PyExtensionType, which datasets 2.14 uses.
+TRANSITIVE = ("pyarrow==20.0.0",)
 
 
 def pinned(name: str) -> str:
@@ -40,7 +44,7 @@ def main() -> int:
         if floor is None:
             raise SystemExit(f"pyproject.toml: {text!r} declares no lower bound")
         lines.append(f"{name}=={floor.group(1)}")
-    lines += [pinned(tool) for tool in TEST_TOOLS]
+    lines += [*TRANSITIVE, *(pinned(tool) for tool in TEST_TOOLS)]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -25,7 +25,12 @@ def test_lowest_pins_every_dependency_at_its_declared_floor():
             continue
         assert pins[name] == rest.split(",")[0].strip(), name
     assert pins["torch"] == "2.13.0"  # the CPU build on disk, never a CUDA download
-    for name, floor in (("diffusers", "0.34"), ("pydicom", "3.0"), ("accelerate", "1.1")):
+    for name, floor in (
+        ("diffusers", "0.34"),
+        ("pydicom", "3.0"),
+        ("accelerate", "1.1"),
+        ("filelock", "4.2.1"),
+    ):
         assert (
             pins[name] == floor
         )  # the floors make test-min found (save_lora_weights metadata, pydicom.pixels)

@@ -16,6 +16,7 @@ import pickle
 
 import pytest
 
+from pie_cli.cli.console import human_bytes
 from pie_cli.core.registry import ModelNotCached, resolve
 from tests.helpers import HF_COMMIT, manifest, simulate_argv
 from tests.hf_cache import SINGLE_FILES, WEIGHTS, lay_out, repo_dir, repo_files, variant_name
@@ -102,8 +103,8 @@ def test_the_default_safetensors_are_picked_among_fp16_bin_and_single_files(cli,
     text = cli("models", "info", "org/full").stdout
     lines = [line.split() for line in text.splitlines()]
     assert ["unet", "UNet2DConditionModel"] in lines and ["text_encoder", "CLIPTextModel"] in lines
-    assert ["unet/diffusion_pytorch_model.safetensors", "3.2", "MB"] in lines
-    assert ["text_encoder/model.safetensors", "166.1", "kB"] in lines
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert [name, *human_bytes(len(files[name])).split()] in lines  # e.g. "3.2 MB", "166.1 kB"
     assert not any(word in text for word in (".bin", "fp16", "safety_checker", "v1-5-pruned"))
     assert cli("models", "add", "full", "org/full").exit_code == 0
     row = list_row(cli, "full")
