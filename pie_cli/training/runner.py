@@ -113,7 +113,7 @@ def plan(
             saved = read_yaml(run_dir / CONFIG_FILE, "saved config")
         flags = {**flags, "out": str(run_dir)}
         explicit = {**explicit, "out": explicit.get("out", "command line")}
-    spec = merge(flags, explicit, recipe, saved)
+    spec = launcher_precision(merge(flags, explicit, recipe, saved))
     spec.check()
     out = Path(spec.out)
     if spec.mixed_precision == "fp16":
@@ -146,6 +146,31 @@ def plan(
         )
         require_nonempty(mask, raw, spec.resolution, f"--validation-mask {spec.validation_mask}")
     return TrainPlan(spec, source, data, prior, out, checkpoint, overwrite)
+
+
+# What `accelerate launch --mixed_precision X` (or its config file's value) hands the training process.
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"
+
+
+def launcher_precision(spec: TrainSpec) -> TrainSpec:
+    """``spec`` with the launcher's mixed precision where --mixed-precision was not given (a recipe or the
+    saved run's configuration counts as given): `accelerate launch --mixed_precision bf16 -m pie_cli finetune`
+    trains in bf16, as diffusers' scripts do, and the value and its source are recorded."""
+    import dataclasses
+    import os
+
+    from pie_cli.training.config import PRECISIONS
+
+    value = os.environ.get(LAUNCHER_PRECISION, "").strip().lower()
+    if not value or spec.sources.get("mixed_precision", "default") != "default":
+        return spec
+    if value not in PRECISIONS:
+        raise UserError(
+            f"${LAUNCHER_PRECISION} is {value!r} (set by accelerate launch or its config); "
+            f"pie trains with one of {', '.join(PRECISIONS)}."
+        )
+    sources = {**spec.sources, "mixed_precision": f"accelerate launch / config (${LAUNCHER_PRECISION})"}
+    return dataclasses.replace(spec, mixed_precision=value, sources=sources)
 
 
 def training_output(rel: str) -> bool:

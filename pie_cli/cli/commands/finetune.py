@@ -177,7 +177,12 @@ def finetune(
         typer.Option("--epochs", show_default=False, help="Passes over the data instead of --max-steps."),
     ] = DEFAULTS.epochs,
     mixed_precision: Annotated[
-        str, typer.Option("--mixed-precision", help="no, fp16 (GPU), bf16.")
+        str,
+        typer.Option(
+            "--mixed-precision",
+            help="no, fp16 (GPU), bf16. Default: what `accelerate launch --mixed_precision` or its config says "
+            "($ACCELERATE_MIXED_PRECISION), else no; the value used and its source are recorded.",
+        ),
     ] = DEFAULTS.mixed_precision,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
