@@ -47,8 +47,10 @@ def save_checkpoint_lora(
     from safetensors.torch import save_file
 
     save_file(peft_state(unet), str(directory / "unet_lora.safetensors"))
+    readable(directory / "unet_lora.safetensors")
     if text_encoder is not None:
         save_file(peft_state(text_encoder), str(directory / "text_encoder_lora.safetensors"))
+        readable(directory / "text_encoder_lora.safetensors")
 
 
 def load_checkpoint_lora(
@@ -92,8 +94,17 @@ def save_final_lora(out: Path, unet: torch.nn.Module, text_encoder: torch.nn.Mod
             text_encoder_lora_adapter_metadata=_metadata(text_encoder) if text_encoder is not None else None,
             safe_serialization=True,
         )
+        readable(Path(tmp) / LORA_FILE)
         os.replace(Path(tmp) / LORA_FILE, out / LORA_FILE)
     return out / LORA_FILE
+
+
+def readable(path: Path) -> None:
+    """The file's mode as every other file pie writes (0666 less the umask, e.g. 0644): safetensors writes
+    0600, which a group sharing a run folder (a lab's SLURM account, a shared scratch) cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

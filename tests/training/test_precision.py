@@ -79,3 +79,20 @@ def test_the_launcher_value_is_taken_checked_or_absent(
         assert recorded(out) == expected
     else:
         assert recorded(out)[0] == "bf16"
+
+
+def test_adapter_files_are_readable_like_every_other_file(cli, tiny_model, tmp_path):
+    """safetensors wrote adapters 0600 while metrics and configs were 0644 (issue 16, item 5)."""
+    import stat
+
+    data = colour_folder(tmp_path / "data", n=4)
+    out = tmp_path / "ft"
+    result = cli(*finetune_argv(data, tiny_model, out, "--checkpoint-every", "1", max_steps=1))
+    assert result.exit_code == 0, result.output
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
