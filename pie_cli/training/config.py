@@ -23,6 +23,8 @@ from pie_cli.errors import UserError
 DATA_FORMATS = ("auto", "folder", "ham10000", "eyepacs", "chexpert", "hf", "jsonl", "csv")
 METHODS = ("lora", "full")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
+# Training steps when neither --max-steps nor --epochs is given.
+DEFAULT_MAX_STEPS = 1000
 PRECISIONS = ("no", "fp16", "bf16")
 VIEWS = ("frontal", "lateral", "all")
 UNCERTAIN = ("negative", "positive")
@@ -47,6 +49,7 @@ class TrainSpec:
     model: str = "sd-v1-5"
     model_config: str | None = None  # the configs describing a single-file --model (default: built-in SD 1.x)
     allow_pickle: bool = False  # load .bin/.ckpt weights of the base model (they can run code)
+    allow_schedule_change: bool = False  # --resume with another schedule length (max steps, epochs, warmup)
     out: str | None = None
     method: str = "lora"
     rank: int = 8
@@ -97,8 +100,15 @@ class TrainSpec:
         return self.alpha if self.alpha is not None else float(self.rank)
 
     def to_yaml_dict(self) -> dict[str, Any]:
+        """Every value as the run uses it: derived defaults (lr, alpha, max steps) written out, never null."""
         data = asdict(self)
         data.pop("sources")
+        data.pop("allow_schedule_change")  # a permission for one resume, not part of the run
+        data["lr"] = self.learning_rate
+        if self.method == "lora":
+            data["alpha"] = self.lora_alpha
+        if self.max_steps is None and self.epochs is None:
+            data["max_steps"] = DEFAULT_MAX_STEPS
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     # ------------------------------------------------------------------ checks

@@ -31,12 +31,14 @@ from pie_cli.imaging.ownership import Ledger
 from pie_cli.reporting import Reporter
 from pie_cli.signals import StopSignals, TrainingInterrupted
 from pie_cli.training.checkpoints import CHECKPOINTS, METRICS, LoopState, latest_checkpoint, save_checkpoint
-from pie_cli.training.config import TEXT_LORA_TARGETS, TrainSpec
+from pie_cli.training.config import (
+    DEFAULT_MAX_STEPS,
+    TEXT_LORA_TARGETS,
+    TrainSpec,
+)
 from pie_cli.training.data import Record, TrainingData
 from pie_cli.training.dataset import isolated, training_batches
 from pie_cli.training.lora import add_lora, load_checkpoint_lora, save_checkpoint_lora, save_final_lora
-
-DEFAULT_MAX_STEPS = 1000
 
 
 @dataclass

@@ -115,6 +115,8 @@ def plan(
         explicit = {**explicit, "out": explicit.get("out", "command line")}
     spec = launcher_precision(merge(flags, explicit, recipe, saved))
     spec.check()
+    if saved and not spec.allow_schedule_change:
+        _refuse_schedule_change(spec, saved, resume)
     out = Path(spec.out)
     if spec.mixed_precision == "fp16":
         import torch
@@ -171,6 +173,28 @@ def launcher_precision(spec: TrainSpec) -> TrainSpec:
         )
     sources = {**spec.sources, "mixed_precision": f"accelerate launch / config (${LAUNCHER_PRECISION})"}
     return dataclasses.replace(spec, mixed_precision=value, sources=sources)
+
+
+# What sets the length and shape of a run's LR schedule (and, with --epochs, its steps per epoch).
+SCHEDULE_KEYS = ("max_steps", "epochs", "lr_scheduler", "warmup_steps", "batch_size", "grad_accum")
+
+
+def _refuse_schedule_change(spec: TrainSpec, saved: dict[str, Any], resume: str | None) -> None:
+    """A resume that would change the LR schedule silently (another --max-steps, warmup...) is refused."""
+    saved_spec = merge({}, {}, {}, saved)
+    for key in SCHEDULE_KEYS:
+        if key not in saved:
+            continue
+        now, before = getattr(spec, key), getattr(saved_spec, key)
+        if key == "max_steps" and spec.epochs is None and saved_spec.epochs is None:
+            from pie_cli.training.config import DEFAULT_MAX_STEPS
+
+            now, before = now or DEFAULT_MAX_STEPS, before or DEFAULT_MAX_STEPS
+        if now != before:
+            raise UserError(
+                f"--resume {resume}: --{key.replace('_', '-')} {now} differs from the run's {before}, which would "
+                "change its learning-rate schedule; add --allow-schedule-change to continue with the new value."
+            )
 
 
 def training_output(rel: str) -> bool:

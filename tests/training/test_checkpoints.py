@@ -347,7 +347,14 @@ def test_keep_checkpoints_and_resume_from_a_path(cli, data, tiny_model, tmp_path
     )
     assert cli(*argv).exit_code == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
-    result = cli("finetune", "--resume", out / "checkpoints" / "step_000002", "--max-steps", "5")
+    result = cli(
+        "finetune",
+        "--resume",
+        out / "checkpoints" / "step_000002",
+        "--max-steps",
+        "5",
+        "--allow-schedule-change",
+    )
     assert result.exit_code == 0, result.output  # the run directory is the checkpoint's grandparent
     assert [int(row) for row in np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=0)] == [
         1,

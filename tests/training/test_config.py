@@ -94,7 +94,9 @@ def test_the_summary_names_no_command_line_and_no_input_path(cli, tiny_model, tm
     assert "argv" not in summary and "MRN-0042" not in text
     assert summary["data"] == {"format": "folder", "examples": 8}
     assert summary["weights"] == "pytorch_lora_weights.safetensors"
-    resumed = cli("finetune", "--out", out, "--resume", "latest", "--max-steps", "3")
+    resumed = cli(
+        "finetune", "--out", out, "--resume", "latest", "--max-steps", "3", "--allow-schedule-change"
+    )
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["resumed_from"] == "checkpoints/step_000002"

@@ -96,3 +96,35 @@ def test_adapter_files_are_readable_like_every_other_file(cli, tiny_model, tmp_p
     assert any(p.suffix == ".safetensors" for p in files)
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_the_effective_config_has_no_null_and_a_resume_may_not_change_the_schedule(cli, tiny_model, tmp_path):
+    """training_config.yaml said `lr: null`; a resume with another --max-steps silently changed the LR
+    schedule (issue 16, item 5)."""
+    data = colour_folder(tmp_path / "data", n=4)
+    out = tmp_path / "ft"
+    argv = finetune_argv(data, tiny_model, out, "--checkpoint-every", "1", "--lr-scheduler", "cosine")
+    result = cli(*argv, "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    effective = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert (effective["lr"], effective["alpha"], effective["max_steps"]) == (1e-4, 8.0, 2)
+    assert "allow_schedule_change" not in effective
+    for extra, key, now, before in (
+        (("--max-steps", "4"), "max-steps", 4, 2),
+        (("--warmup-steps", "1"), "warmup-steps", 1, 0),
+        (("--lr-scheduler", "constant"), "lr-scheduler", "constant", "cosine"),
+    ):
+        refused = cli("finetune", "--out", out, "--resume", "latest", *extra)
+        assert refused.exit_code == 2, refused.output
+        assert (
+            f"--resume latest: --{key} {now} differs from the run's {before}, which would change its learning-rate "
+            "schedule; add --allow-schedule-change to continue with the new value." in refused.stderr
+        )
+    assert len(list((out / "checkpoints").iterdir())) == 2  # nothing was trained by the refusals
+    same = cli("finetune", "--out", out, "--resume", "latest", "--max-steps", "2")  # the same value is fine
+    assert same.exit_code == 0, same.output
+    longer = cli(
+        "finetune", "--out", out, "--resume", "latest", "--max-steps", "3", "--allow-schedule-change"
+    )
+    assert longer.exit_code == 0, longer.output
+    assert yaml.safe_load((out / "training_config.yaml").read_text())["max_steps"] == 3

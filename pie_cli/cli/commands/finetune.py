@@ -231,6 +231,14 @@ def finetune(
         str | None, typer.Option("--validation-mask", show_default=False, help="Its mask.")
     ] = DEFAULTS.validation_mask,
     allow_pickle: AllowPickleOpt = DEFAULTS.allow_pickle,
+    allow_schedule_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-schedule-change",
+            help="With --resume: accept another --max-steps, --epochs, warmup, scheduler or batch shape "
+            "(the LR schedule then changes from the checkpoint on).",
+        ),
+    ] = DEFAULTS.allow_schedule_change,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune Stable Diffusion on report-image pairs: LoRA adapters or the full UNet, on accelerate."""
