@@ -130,7 +130,9 @@ def test_a_checkpoint_with_damaged_files_is_one_sentence(cli, tiny_model, tmp_pa
     for path in checkpoint.iterdir():
         if path.suffix in (".bin", ".safetensors") or path.name.startswith("random_states"):
             path.write_bytes(path.read_bytes()[:40])  # truncated
-    result = cli("finetune", "--out", out, "--resume", "latest", "--max-steps", "3")
+    result = cli(
+        "finetune", "--out", out, "--resume", "latest", "--max-steps", "3", "--allow-schedule-change"
+    )
     check_refused(result, "checkpoint", "cannot be loaded")
 
 

@@ -117,7 +117,7 @@ def _finetune_resume(cli, tmp: Path, tiny: Path, inputs) -> list:
     out = tmp / "ft"
     check_ok(cli(*_finetune_checkpointed(cli, tmp, tiny, inputs)))
     assert (out / "checkpoints" / "step_000002").is_dir()
-    return ["finetune", "--out", out, "--resume", "latest", "--max-steps", "3"]
+    return ["finetune", "--out", out, "--resume", "latest", "--max-steps", "3", "--allow-schedule-change"]
 
 
 def _evaluate_demo(cli, tmp: Path, tiny: Path, inputs) -> list:
