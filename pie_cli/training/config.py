@@ -76,6 +76,9 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    # The empty prompt instead of the report, with this probability per example and epoch (seeded), so the
+    # unconditional branch of classifier-free guidance, which PIE uses at every step, learns the domain too.
+    caption_dropout: float = 0.0
     cache_latents: bool = False
     max_grad_norm: float = 1.0
     num_workers: int = 2
@@ -162,6 +165,10 @@ class TrainSpec:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise UserError(f"--{_flag(name)} must be a finite number >= 0, got {value:g}.")
+        if not (math.isfinite(self.caption_dropout) and 0 <= self.caption_dropout <= 1):
+            raise UserError(
+                f"--caption-dropout must be a probability in [0, 1], got {self.caption_dropout:g}."
+            )
         if self.max_steps is not None and self.epochs is not None:
             raise UserError("give --max-steps or --epochs, not both.")
         from pie_cli.imaging.geometry import FIT_CHOICES

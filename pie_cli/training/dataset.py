@@ -67,8 +67,10 @@ class PairDataset(torch.utils.data.Dataset):
         random_flip: bool,
         seed: int,
         fit: str = "crop",
+        caption_dropout: float = 0.0,
     ) -> None:
         self.data = data
+        self.caption_dropout = caption_dropout
         self.records = records
         self.resolution = resolution
         self.center_crop = center_crop
@@ -85,6 +87,13 @@ class PairDataset(torch.utils.data.Dataset):
             return_tensors="pt",
         ).input_ids
         self.input_ids = ids
+        self.empty_ids = tokenizer(
+            "",
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -96,8 +105,16 @@ class PairDataset(torch.utils.data.Dataset):
             crop_and_flip(img, self.resolution, self.center_crop, self.random_flip, rng, self.fit)
         )
 
+    def dropped(self, index: int) -> bool:
+        """Whether example ``index`` trains on the empty prompt this epoch (--caption-dropout; seeded by
+        (seed, epoch, index) on a stream of its own, so the crops and flips are the same with or without it)."""
+        if self.caption_dropout <= 0:
+            return False
+        return bool(np.random.default_rng([self.seed, self.epoch, index, 1]).random() < self.caption_dropout)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"input_ids": self.input_ids[index], "index": torch.tensor(index)}
+        ids = self.empty_ids if self.dropped(index) else self.input_ids[index]
+        item = {"input_ids": ids, "index": torch.tensor(index)}
         if self.with_pixels:
             item["pixel_values"] = self.image(index)
         return item
@@ -168,7 +185,9 @@ class TrainingBatches:
 def training_batches(spec, data: TrainingData, prior: list[Record] | None, tokenizer) -> TrainingBatches:
     """Datasets, sampler and loader of a run: images only decoded per step without ``--cache-latents``."""
     common = (spec.resolution, spec.center_crop, spec.random_flip)
-    instance = PairDataset(data, data.records, tokenizer, *common, spec.seed, fit=spec.fit)
+    instance = PairDataset(
+        data, data.records, tokenizer, *common, spec.seed, fit=spec.fit, caption_dropout=spec.caption_dropout
+    )
     instance.with_pixels = not spec.cache_latents
     dataset: torch.utils.data.Dataset = instance
     prior_set = None

@@ -194,6 +194,15 @@ def finetune(
     noise_offset: Annotated[
         float, typer.Option("--noise-offset", help="Offset noise strength.")
     ] = DEFAULTS.noise_offset,
+    caption_dropout: Annotated[
+        float,
+        typer.Option(
+            "--caption-dropout",
+            metavar="P",
+            help="Train on the empty prompt with probability P per example (seeded), so classifier-free "
+            "guidance's unconditional branch learns the medical domain too; 0.1 is typical.",
+        ),
+    ] = DEFAULTS.caption_dropout,
     cache_latents: Annotated[
         bool, typer.Option("--cache-latents", help="Encode each image once through the VAE.")
     ] = DEFAULTS.cache_latents,
