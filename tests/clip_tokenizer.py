@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pie_cli.demo.tiny import write_tokenizer_configs
 from pie_cli.demo.vocab import BOS, EOS, EOW, byte_alphabet
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -88,20 +89,7 @@ def write_clip_tokenizer(directory: Path, max_length: int = MAX_LENGTH) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": max_length,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": EOS,
-        "pad_token": EOS,
-        "do_lower_case": True,
-        "errors": "replace",
-        "clean_up_tokenization_spaces": True,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    write_tokenizer_configs(directory, max_length)
     return directory
 
 

@@ -107,6 +107,12 @@ def write_tokenizer(directory: Path, max_length: int = 77) -> tuple[int, dict[st
     """A CLIP tokenizer folder with the locally learnt vocabulary; returns (size, vocab)."""
     vocab_size = write_clip_vocab(directory)
     vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+    write_tokenizer_configs(directory, max_length)
+    return vocab_size, vocab
+
+
+def write_tokenizer_configs(directory: Path, max_length: int = 77) -> None:
+    """tokenizer_config.json and special_tokens_map.json of a CLIP tokenizer folder (SD 1.x's layout)."""
     tokenizer_config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": max_length,
@@ -121,7 +127,6 @@ def write_tokenizer(directory: Path, max_length: int = 77) -> tuple[int, dict[st
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return vocab_size, vocab
 
 
 def write_pipeline_files(root: Path) -> None:

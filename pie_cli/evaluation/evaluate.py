@@ -183,19 +183,10 @@ def evaluate_run(
 
 
 def load_frames(sources) -> list[Image.Image]:
-    """A run's frames as they are (8-bit RGB or grey, 16-bit grey as "I;16"), all of one size
-    (else a ``UserError`` naming the odd one)."""
-    from pie_cli.imaging.media import open_image
+    """A run's frames as they are (8-bit RGB or grey, 16-bit grey as "I;16"), all of one size."""
+    from pie_cli.runs.frames import load_as_read
 
-    images = [open_image(f.path, "frame") for f in sources]
-    first = images[0].size
-    for f, img in zip(sources, images, strict=True):
-        if img.size != first:
-            raise UserError(
-                f"frame {f.path} is {img.width}x{img.height} but {sources[0].path} is {first[0]}x{first[1]}; "
-                "the frames of a run must have one size."
-            )
-    return images
+    return load_as_read(sources)
 
 
 def steered_by(run_dir: Path) -> dict[str, Any] | None:

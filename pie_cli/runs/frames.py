@@ -57,13 +57,20 @@ def collect(inputs: Sequence[Path]) -> tuple[list[SourceFrame], Path | None]:
 
 def load(frames: Sequence[SourceFrame]) -> list[Image.Image]:
     """The frames as 8-bit RGB images, all of one size (or a ``UserError`` naming the odd one)."""
-    images = [to_rgb8(open_image(f.path, "frame")) for f in frames]  # 16-bit scaled, never clipped
+    images = load_as_read(frames, "frames of one animation")
+    return [to_rgb8(img) for img in images]  # 16-bit scaled, never clipped
+
+
+def load_as_read(frames: Sequence[SourceFrame], what: str = "the frames of a run") -> list[Image.Image]:
+    """The frames as they are (8-bit RGB or grey, 16-bit grey as "I;16"), all of one size (else a
+    ``UserError`` naming the odd one and saying ``what`` must share a size)."""
+    images = [open_image(f.path, "frame") for f in frames]
     first = images[0].size
     for f, img in zip(frames, images, strict=True):
         if img.size != first:
             raise UserError(
                 f"frame {f.path} is {img.width}x{img.height} but {frames[0].path} is {first[0]}x{first[1]}; "
-                "frames of one animation must have one size."
+                f"{what} must have one size."
             )
     return images
 
