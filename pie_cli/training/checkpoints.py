@@ -27,6 +27,10 @@ SAMPLES = "samples"
 METRICS = "metrics.csv"
 CONFIG_FILE = "training_config.yaml"
 SUMMARY = "training_summary.json"
+LOGS = "logs"  # --report-to tensorboard / wandb write here
+LOSS_PLOT = "loss.png"
+RUN_NAME = "pie-finetune"  # the trackers' project / run name
+METRICS_COLUMNS = ("step", "loss", "lr", "seconds", "val_loss")
 # What a started or finished run leaves in its folder; --overwrite removes exactly these.
 TRAINING_FILES = (
     CHECKPOINTS,
@@ -34,6 +38,8 @@ TRAINING_FILES = (
     METRICS,
     CONFIG_FILE,
     SUMMARY,
+    LOGS,
+    LOSS_PLOT,
     LORA_FILE,
     "unet",
     "text_encoder",
@@ -167,11 +173,18 @@ class LoopState:
 
 
 def save_checkpoint(
-    accelerator: Any, out: Path, step: int, total_steps: int, keep: int, extra: Any = None
+    accelerator: Any,
+    out: Path,
+    step: int,
+    total_steps: int,
+    keep: int,
+    extra: Any = None,
+    keep_also: int | None = None,
 ) -> Path:
     """``checkpoints/step_N`` of the accelerator's state, published complete or not at all; then prune.
 
-    ``extra(folder)`` adds the loop's own files (on the main process) before the marker.
+    ``extra(folder)`` adds the loop's own files (on the main process) before the marker;
+    ``keep_also`` is a step whose checkpoint pruning spares (the best by held-out loss).
     """
     path = Path(out) / CHECKPOINTS / f"step_{step:06d}"
     # One staging name for every process of the run: each saves its own RNG state into it.
@@ -192,17 +205,19 @@ def save_checkpoint(
             remove(path)
         os.rename(tmp, path)
         fsync(path.parent, strict=False)  # the rename itself
-        prune(out, keep, step)
+        prune(out, keep, step, keep_also)
     accelerator.wait_for_everyone()
     return path
 
 
-def prune(out: Path, keep: int, step: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop incomplete ones older than ``step``."""
+def prune(out: Path, keep: int, step: int, keep_also: int | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (and that of step ``keep_also``); drop incomplete
+    ones older than ``step``."""
     dirs = step_dirs(out)
     complete = [p for p in dirs if is_complete(p)]
     for old in complete[:-keep]:
-        remove(old)
+        if keep_also is None or checkpoint_step(old) != keep_also:
+            remove(old)
     for broken in (p for p in dirs if not is_complete(p)):
         if (checkpoint_step(broken) or 0) < step:
             remove(broken)

@@ -20,7 +20,7 @@ from pie_cli.core.parameters import MAX_TRAINING_SEED, resolution_problem
 from pie_cli.errors import UserError
 
 # "auto" and the names of training.formats.FORMATS, in its order (checked when that module loads).
-DATA_FORMATS = ("auto", "folder", "ham10000", "eyepacs", "chexpert", "hf", "jsonl", "csv")
+DATA_FORMATS = ("auto", "folder", "ham10000", "eyepacs", "chexpert", "mimic-cxr", "hf", "jsonl", "csv")
 METHODS = ("lora", "full")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
 # Training steps when neither --max-steps nor --epochs is given.
@@ -28,6 +28,11 @@ DEFAULT_MAX_STEPS = 1000
 PRECISIONS = ("no", "fp16", "bf16")
 VIEWS = ("frontal", "lateral", "all")
 UNCERTAIN = ("negative", "positive")
+# MIMIC-CXR prompts: a report section (falling back to the other, then to the labels) or the labels.
+REPORT_SECTIONS = ("impression", "findings", "both", "labels")
+REPORT_TO = ("none", "tensorboard", "wandb")
+LOSS_MASKS = ("data", "lungs")
+DEFAULT_BUCKET_STEP = 64
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -39,12 +44,17 @@ class TrainSpec:
     data_format: str = "auto"
     image_column: str | None = None
     caption_column: str | None = None
+    mask_column: str | None = None  # --loss-mask data: the mask column (default: mask, mask_file, mask_path)
     prompt_template: str = "{instance}, {labels}"
     instance_prompt: str | None = None  # default per data format
-    view: str = "frontal"  # CheXpert
-    uncertain: str = "negative"  # CheXpert -1 labels
-    split: str = "train"  # Hugging Face datasets
+    view: str = "frontal"  # CheXpert, MIMIC-CXR
+    uncertain: str = "negative"  # CheXpert (and MIMIC-CXR) -1 labels
+    split: str = "train"  # Hugging Face datasets; MIMIC-CXR: train, validate, test
     max_samples: int | None = None
+    # MIMIC-CXR: the report section the prompt comes from. IMPRESSION by default: short, the
+    # radiologist's summary (the style of PIE's prompts), and it mostly fits CLIP's 77 tokens.
+    report_section: str = "impression"
+    reports: str | None = None  # MIMIC-CXR: the folder of the sSTUDY.txt reports (default: DATA/files)
     # model and method
     model: str = "sd-v1-5"
     model_config: str | None = None  # the configs describing a single-file --model (default: built-in SD 1.x)
@@ -63,6 +73,12 @@ class TrainSpec:
     # optimisation
     resolution: int = 512
     fit: str = "crop"  # how an image becomes a training example: as `pie simulate --fit` (imaging.geometry)
+    # --fit native in batches: each image covers the bucket canvas nearest its own (training.buckets),
+    # whose long side is a multiple of bucket_step (64: kohya's and diffusers' step for SD 1.x).
+    buckets: bool = False
+    bucket_step: int = DEFAULT_BUCKET_STEP
+    # Weight the loss by each image's mask: "data" (the table's mask column) or "lungs" (auto_masks).
+    loss_mask: str | None = None
     center_crop: bool = True
     random_flip: bool = False
     batch_size: int = 4
@@ -80,6 +96,10 @@ class TrainSpec:
     # unconditional branch of classifier-free guidance, which PIE uses at every step, learns the domain too.
     caption_dropout: float = 0.0
     cache_latents: bool = False
+    # An exponential moving average of the trained weights (diffusers' EMAModel): validated and saved
+    # instead of the raw weights. The decay warms up as (1 + step) / (10 + step), capped at ema_decay.
+    use_ema: bool = False
+    ema_decay: float = 0.9999
     max_grad_norm: float = 1.0
     num_workers: int = 2
     seed: int = 42
@@ -90,6 +110,11 @@ class TrainSpec:
     validation_every: int | None = None
     validation_image: str | None = None
     validation_mask: str | None = None
+    # Held-out examples (this fraction, chosen by the seed) scored by their denoising loss at fixed
+    # timesteps and noise every validation_loss_every steps (default: at each checkpoint).
+    validation_split: float = 0.0
+    validation_loss_every: int | None = None
+    report_to: str = "none"  # tensorboard or wandb (accelerate's trackers), logs under DIR/logs
     # not options: how each value was set (flag, config file, saved run, default)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -124,6 +149,8 @@ class TrainSpec:
             "mixed_precision": PRECISIONS,
             "view": VIEWS,
             "uncertain": UNCERTAIN,
+            "report_section": REPORT_SECTIONS,
+            "report_to": REPORT_TO,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -140,7 +167,7 @@ class TrainSpec:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "epochs", "validation_every", "max_samples"):
+        for name in ("max_steps", "epochs", "validation_every", "validation_loss_every", "max_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {value}.")
@@ -169,16 +196,50 @@ class TrainSpec:
             raise UserError(
                 f"--caption-dropout must be a probability in [0, 1], got {self.caption_dropout:g}."
             )
+        if not (math.isfinite(self.ema_decay) and 0 < self.ema_decay < 1):
+            raise UserError(f"--ema-decay must be in (0, 1), got {self.ema_decay:g}.")
+        if not (math.isfinite(self.validation_split) and 0 <= self.validation_split <= 0.5):
+            raise UserError(
+                f"--validation-split must be a fraction in [0, 0.5] of the examples, got {self.validation_split:g}."
+            )
+        if self.validation_loss_every is not None and not self.validation_split:
+            raise UserError(
+                "--validation-loss-every needs --validation-split (the held-out examples it scores)."
+            )
         if self.max_steps is not None and self.epochs is not None:
             raise UserError("give --max-steps or --epochs, not both.")
-        from pie_cli.imaging.geometry import FIT_CHOICES
+        from pie_cli.imaging.geometry import FIT_CHOICES, MAX_RESOLUTION
 
         if self.fit not in FIT_CHOICES:
             raise UserError(f"--fit must be one of {', '.join(FIT_CHOICES)}, got {self.fit!r}.")
-        if self.fit == "native" and self.batch_size > 1:
+        if self.buckets and self.fit != "native":
+            raise UserError(
+                f"--buckets groups whole images by aspect, which needs --fit native (--fit {self.fit} makes "
+                f"every example {self.resolution}x{self.resolution}: one bucket)."
+            )
+        if not (8 <= self.bucket_step <= MAX_RESOLUTION and self.bucket_step % 8 == 0):
+            raise UserError(
+                f"--bucket-step must be a positive multiple of 8 (the latent cell), got {self.bucket_step}."
+            )
+        if self.bucket_step != DEFAULT_BUCKET_STEP and not self.buckets:
+            raise UserError("--bucket-step sizes the buckets of --buckets: add --buckets, or leave it out.")
+        if self.buckets and self.cache_latents:
+            raise UserError(
+                "--buckets trains images of several sizes, which --cache-latents cannot batch yet: give one of them."
+            )
+        if self.loss_mask is not None and self.loss_mask not in LOSS_MASKS:
+            raise UserError(f"--loss-mask must be one of {', '.join(LOSS_MASKS)}; got {self.loss_mask!r}.")
+        if self.mask_column and self.loss_mask != "data":
+            raise UserError("--mask-column names the masks of --loss-mask data: add --loss-mask data.")
+        if self.fit == "native" and self.batch_size > 1 and not self.buckets:
             raise UserError(
                 "--fit native trains each image at its own aspect, so a batch holds one image: give "
                 f"--batch-size 1 (and --grad-accum {self.batch_size} for the same effective batch), or --fit pad."
+            )
+        if self.fit == "native" and self.class_data and not self.buckets:
+            raise UserError(
+                "--fit native gives each image its own canvas, and a class image's differs from its instance's: "
+                "add --buckets (class images then cover their instance's canvas) or use --fit pad."
             )
         if self.fit != "crop" and not self.center_crop:
             raise UserError(f"--random-crop crops; --fit {self.fit} keeps the whole image: give one of them.")

@@ -14,10 +14,12 @@ anything is saved. Validation samples and the final weights are ``outputs.py``'s
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,16 @@ from pie_cli.imaging.files import temp_path
 from pie_cli.imaging.ownership import Ledger
 from pie_cli.reporting import Reporter
 from pie_cli.signals import StopSignals, TrainingInterrupted
-from pie_cli.training.checkpoints import CHECKPOINTS, METRICS, LoopState, latest_checkpoint, save_checkpoint
+from pie_cli.training.checkpoints import (
+    CHECKPOINTS,
+    LOGS,
+    LOSS_PLOT,
+    METRICS,
+    METRICS_COLUMNS,
+    LoopState,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from pie_cli.training.config import (
     DEFAULT_MAX_STEPS,
     TEXT_LORA_TARGETS,
@@ -39,6 +50,12 @@ from pie_cli.training.config import (
 from pie_cli.training.data import Record, TrainingData
 from pie_cli.training.dataset import isolated, training_batches
 from pie_cli.training.lora import add_lora, load_checkpoint_lora, save_checkpoint_lora, save_final_lora
+from pie_cli.training.validation import HeldOut, best_of, heldout_loss, latent_mask, masked_mean
+
+EMA_FILE = (
+    "ema.safetensors"  # in a checkpoint with --use-ema: the averaged weights (and ema.json, its counters)
+)
+EMA_STATE = "ema.json"
 
 
 @dataclass
@@ -64,8 +81,10 @@ class Trainer:
         prior: list[Record] | None,
         out: Path,
         reporter: Reporter,
+        heldout: list[Record] | None = None,
     ) -> None:
         self.spec = spec
+        self.heldout_records = heldout or []
         self.source = source
         self.data = data
         self.prior = prior
@@ -88,7 +107,8 @@ class Trainer:
             cpu=cpu_processes(),  # see pie_cli/core/distributed.py
             gradient_accumulation_steps=spec.grad_accum,
             mixed_precision=spec.mixed_precision,
-            project_config=ProjectConfiguration(project_dir=str(self.out)),
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / LOGS)),
+            log_with=None if spec.report_to == "none" else spec.report_to,
         )
         set_seed(spec.seed)  # LoRA initialisation and dropout: the same run for the same seed
         # The same loader as inference (fp32 here; the parts are cast below).
@@ -136,6 +156,12 @@ class Trainer:
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         if self.train_te:
             self.params += [p for p in self.text_encoder.parameters() if p.requires_grad]
+        self.ema = None
+        if spec.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=spec.ema_decay)
+            self.ema.to(device)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=spec.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
         )
@@ -144,6 +170,8 @@ class Trainer:
         self.dataset, self.prior_dataset = batches.instance, batches.prior
         self.train_dataset, self.sampler, loader = batches.dataset, batches.sampler, batches.loader
         self.cache = self._cache_latents() if spec.cache_latents else None
+        self.heldout = self._heldout_set()
+        self.val_history: list[tuple[int, float]] = []
 
         self.steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
         if spec.max_steps is not None:
@@ -170,6 +198,8 @@ class Trainer:
         # After prepare: under several processes accumulate() needs the wrapped modules to skip syncs.
         self.trainables = [self.unet, self.text_encoder] if self.train_te else [self.unet]
         self.state = LoopState(spec.seed)
+        if spec.report_to != "none":
+            self._start_trackers()
         if lora:
             acc.register_save_state_pre_hook(self._save_hook)
             acc.register_load_state_pre_hook(self._load_hook)
@@ -179,14 +209,150 @@ class Trainer:
             te = self.accelerator.unwrap_model(self.text_encoder) if self.train_te else None
             unet = self.accelerator.unwrap_model(self.unet)
             save_checkpoint_lora(Path(output_dir), unet, te)
-            # Also the diffusers format, so `pie simulate --lora CHECKPOINT` can compare checkpoints.
-            save_final_lora(Path(output_dir), unet, te)
+            # Also the diffusers format, so `pie simulate --lora CHECKPOINT` can compare checkpoints
+            # (the averaged weights with --use-ema: what the run would save at this step).
+            with self.averaged_weights():
+                save_final_lora(Path(output_dir), unet, te)
         weights.clear()  # adapters only: accelerate must not write the whole base model
 
     def _load_hook(self, models, input_dir) -> None:
         te = self.accelerator.unwrap_model(self.text_encoder) if self.train_te else None
         load_checkpoint_lora(Path(input_dir), self.accelerator.unwrap_model(self.unet), te)
         models.clear()
+
+    # ------------------------------------------------------------------ EMA, held-out loss, trackers
+    @contextmanager
+    def averaged_weights(self):
+        """The EMA weights in the trained parameters for the duration (a no-op without --use-ema)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def _save_ema(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = self.ema.state_dict()
+        tensors = {
+            f"shadow.{i:05d}": t.detach().cpu().contiguous() for i, t in enumerate(state["shadow_params"])
+        }
+        save_file(tensors, str(Path(folder) / EMA_FILE))
+        counters = {k: v for k, v in state.items() if k != "shadow_params"}
+        (Path(folder) / EMA_STATE).write_text(json.dumps(counters) + "\n", encoding="utf-8")
+
+    def _load_ema(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        from pie_cli.errors import UserError
+
+        folder = Path(folder)
+        try:
+            tensors = load_file(str(folder / EMA_FILE))
+            counters = json.loads((folder / EMA_STATE).read_text(encoding="utf-8"))
+            shadow = [tensors[f"shadow.{i:05d}"] for i in range(len(tensors))]
+            if len(shadow) != len(self.ema.shadow_params) or any(
+                a.shape != b.shape for a, b in zip(shadow, self.ema.shadow_params, strict=True)
+            ):
+                raise ValueError("the averaged weights do not match the model")
+            device = self.ema.shadow_params[0].device if shadow else "cpu"
+            self.ema.load_state_dict({**counters, "shadow_params": [t.to(device) for t in shadow]})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(
+                f"--resume: checkpoint {folder} has no usable EMA weights ({EMA_FILE}, {EMA_STATE}: "
+                f"{exc}); it was saved without --use-ema, so resume without it or start over."
+            ) from None
+
+    def _save_extra(self, folder: Path) -> None:
+        """The loop's own files of a checkpoint (main process): loop state, and the EMA weights."""
+        self.state.save(folder)
+        if self.ema is not None:
+            self._save_ema(folder)
+
+    def _heldout_set(self) -> HeldOut | None:
+        if not self.heldout_records:
+            return None
+        import dataclasses
+
+        from pie_cli.training.dataset import PairDataset
+
+        spec = self.spec
+        # Its own bucket plan (the training one is cached on the data); the lung masks are shared.
+        data = dataclasses.replace(self.data, records=list(self.heldout_records))
+        data.lung_masks = self.data.lung_masks  # computed for the held-out records too (prepare_examples)
+        buckets = None
+        if spec.buckets:
+            from pie_cli.training.buckets import plan_buckets
+
+            buckets = plan_buckets(data, spec)
+        # Centre crop (or the run's --fit), no flip, no caption dropout: each example scored the same way,
+        # weighted by its loss mask like the training loss.
+        ds = PairDataset(
+            data,
+            data.records,
+            self.tokenizer,
+            spec.resolution,
+            True,
+            False,
+            spec.seed,
+            fit=spec.fit,
+            loss_mask=spec.loss_mask,
+            buckets=buckets,
+        )
+        return HeldOut(ds, spec.seed)
+
+    def _validation_loss_due(self, step: int) -> bool:
+        if self.heldout is None:
+            return False
+        every = self.spec.validation_loss_every or self.spec.checkpoint_every
+        return step % every == 0 or step == self.total_steps
+
+    def validation_loss(self, step: int) -> float | None:
+        """The held-out loss of the current (EMA, with --use-ema) weights; main process only, else None."""
+        acc = self.accelerator
+        if not acc.is_main_process or self.heldout is None:
+            return None
+        unet = acc.unwrap_model(self.unet)
+        text_encoder = acc.unwrap_model(self.text_encoder)
+        for model in self.trainables:
+            model.eval()
+        try:
+            with self.averaged_weights(), acc.autocast():
+                value = heldout_loss(
+                    self.heldout, unet, self.vae, text_encoder, self.noise_scheduler, acc.device
+                )
+        finally:
+            for model in self.trainables:
+                model.train()
+        self.val_history.append((step, value))
+        return value
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, held-out loss) of the best evaluation so far."""
+        return best_of(self.val_history)
+
+    def _start_trackers(self) -> None:
+        from pie_cli.training.checkpoints import RUN_NAME
+
+        config = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in self.spec.to_yaml_dict().items()
+        }
+        self.accelerator.init_trackers(
+            RUN_NAME, config=config, init_kwargs={"wandb": {"dir": str(self.out / LOGS)}}
+        )
+        self._tracking = True
+
+    def _end_trackers(self) -> None:
+        if getattr(self, "_tracking", False):
+            self._tracking = False
+            self.accelerator.end_training()
+            if self.accelerator.is_main_process:
+                self.record_outputs(LOGS)
 
     # ------------------------------------------------------------------ latents
     def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +415,12 @@ class Trainer:
         else:
             target = noise
         pred = self.unet(noisy, timesteps, embeddings).sample
-        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weight = None
+        if "loss_mask" in batch:  # --loss-mask: each latent cell weighted by the share of the mask it holds
+            weight = latent_mask(batch["loss_mask"].to(device), tuple(latents.shape[-2:]))
+            if self.prior:  # class images train on their whole area
+                weight = torch.cat([weight, torch.ones_like(weight)])
+        per_example = masked_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), weight)
         if spec.snr_gamma is not None:
             from diffusers.training_utils import compute_snr
 
@@ -282,6 +453,8 @@ class Trainer:
                     f"--resume: checkpoint {resume_from} cannot be loaded ({one_line(exc)})."
                 ) from None
             self.state.load(resume_from)
+            if self.ema is not None:
+                self._load_ema(resume_from)
             self.reporter.note(f"resumed from {resume_from} at step {self.state.step}")
         step = self.state.step
         if step >= self.total_steps:
@@ -321,6 +494,8 @@ class Trainer:
                     micro_losses.append(loss.detach())
                     if not acc.sync_gradients:
                         continue
+                    if self.ema is not None:
+                        self.ema.step(self.params)
                     step += 1
                     self.state.step = step
                     last_loss = float(acc.reduce(torch.stack(micro_losses).mean(), "mean"))
@@ -333,9 +508,18 @@ class Trainer:
                         )
                     now = time.perf_counter()
                     lr = self.lr_scheduler.get_last_lr()[0]
+                    val_loss = self.validation_loss(step) if self._validation_loss_due(step) else None
                     if acc.is_main_process:
-                        metrics.writerow([step, f"{last_loss:.6f}", f"{lr:.6g}", f"{now - step_started:.4f}"])
+                        val = "" if val_loss is None else f"{val_loss:.6f}"
+                        metrics.writerow(
+                            [step, f"{last_loss:.6f}", f"{lr:.6g}", f"{now - step_started:.4f}", val]
+                        )
                         self._metrics_file.flush()
+                    if spec.report_to != "none":
+                        logged = {"loss": last_loss, "lr": lr}
+                        if val_loss is not None:
+                            logged["val_loss"] = val_loss
+                        acc.log(logged, step=step)
                     smoothed = last_loss if smoothed is None else 0.9 * smoothed + 0.1 * last_loss
                     self.reporter.advance(
                         step,
@@ -361,9 +545,54 @@ class Trainer:
             self.signals.deferring = False
             if acc.is_main_process and self._metrics_file:
                 self._metrics_file.close()
+            self._end_trackers()
         acc.wait_for_everyone()
         weights = self.save_final()
+        if acc.is_main_process:
+            from pie_cli.training.outputs import write_loss_plot
+
+            plot = write_loss_plot(self.out / METRICS, self.out / LOSS_PLOT)
+            if plot is not None:
+                self.ledger.record(plot)
         return TrainResult(step, time.perf_counter() - started, last_loss, weights)
+
+    def probe(self) -> tuple[float, int, str]:
+        """Two optimizer steps on the first batches, nothing saved: (seconds of the second, peak memory in
+        bytes, what the peak measures). `pie finetune --dry-run`'s estimate."""
+        import resource
+
+        acc = self.accelerator
+        cuda = acc.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        for model in self.trainables:
+            model.train()
+        times: list[float] = []
+        started = time.perf_counter()
+
+        def batches():
+            for _ in range(2 * self.spec.grad_accum + 2):  # epochs of a dataset smaller than two steps
+                yield from isolated(self.loader)
+
+        for batch in batches():
+            with acc.accumulate(*self.trainables):
+                loss = self.loss(batch)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                if cuda:
+                    torch.cuda.synchronize(acc.device)
+                now = time.perf_counter()
+                times.append(now - started)
+                started = now
+                if len(times) == 2:
+                    break
+        if cuda:
+            return times[-1], int(torch.cuda.max_memory_allocated(acc.device)), "CUDA peak allocated"
+        return times[-1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"
 
     def _stop_requested(self) -> bool:
         """A SIGINT/SIGTERM arrived (on any process: all of them stop at the same step)."""
@@ -379,15 +608,16 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         path = self.out / METRICS
-        header = ["step", "loss", "lr", "seconds"]
+        header = list(METRICS_COLUMNS)
         kept: list[list[str]] = []
         if path.exists() and step > 0:
             with open(path, newline="") as fh:
                 kept = [row for row in csv.reader(fh)][1:]
-            # A row cut short by a kill is dropped, as are the steps after the checkpoint.
-            kept = [
-                row for row in kept if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step
-            ]
+            # A row cut short by a kill is dropped, as are the steps after the checkpoint (rows of
+            # pie 0.1, without val_loss, are kept with an empty one).
+            kept = [row + [""] * (len(header) - len(row)) for row in kept if len(row) in (4, len(header))]
+            kept = [row for row in kept if row[0].isdigit() and int(row[0]) <= step]
+            self.val_history = [(int(row[0]), float(row[4])) for row in kept if _is_number(row[4])]
         tmp = temp_path(path)
         with open(tmp, "w", newline="") as fh:  # rewritten beside, then swapped: never half a history
             writer = csv.writer(fh)
@@ -414,16 +644,20 @@ class Trainer:
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step_N of this step (weights checked finite first), then older ones pruned."""
         self._check_finite(step)
+        best = self.best()
         path = save_checkpoint(
             self.accelerator,
             self.out,
             step,
             self.total_steps,
             self.spec.keep_checkpoints,
-            extra=self.state.save,
+            extra=self._save_extra,
+            keep_also=best[0] if best else None,  # the best held-out checkpoint outlives pruning
         )
         if self.accelerator.is_main_process:
             self.record_outputs(CHECKPOINTS)
+            if getattr(self, "_tracking", False):
+                self.record_outputs(LOGS)
         return path
 
     def record_outputs(self, *folders: str) -> None:
@@ -445,16 +679,29 @@ class Trainer:
         for model in self.trainables:
             model.eval()
         try:
-            write_samples(self, step)
+            with self.averaged_weights():
+                write_samples(self, step)
         finally:
             for model in self.trainables:
                 model.train()
 
     def save_final(self) -> Path:
-        """The trained weights in the run folder (LoRA file, or a complete model for full fine-tuning)."""
+        """The trained weights in the run folder (LoRA file, or a complete model for full fine-tuning).
+
+        With --use-ema the averaged weights are the ones saved (copied in for good: the run is over).
+        """
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
         self._check_finite(self.state.step)
         if not self.accelerator.is_main_process:
             return self.out
         from pie_cli.training.outputs import save_weights
 
         return save_weights(self)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

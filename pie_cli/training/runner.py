@@ -55,6 +55,7 @@ class TrainPlan:
     out: Path
     checkpoint: Path | None  # the complete checkpoint to resume from
     overwrite: bool
+    heldout: tuple[Record, ...] = ()  # --validation-split: examples scored, never trained on
 
 
 def resolve_resume(resume: str, out: Path | None, reporter: Reporter = SILENT) -> tuple[Path, Path]:
@@ -135,7 +136,16 @@ def plan(
         )
     check_source_weights(source, spec.allow_pickle)  # pickle-only weights refused before anything is written
     data = load_data(spec)
+    heldout: list[Record] = []
+    if spec.validation_split:
+        import dataclasses
+
+        from pie_cli.training.validation import split_records
+
+        train_records, heldout = split_records(data.records, spec.validation_split, spec.seed)
+        data = dataclasses.replace(data, records=train_records)
     prior = class_records(spec) if spec.class_data else None
+    _check_trackers(spec.report_to)
     _check_out(spec, source, data, resume is None and check_out, overwrite)
     if spec.validation_image:
         from pie_cli.imaging.masks import prepare_mask, require_nonempty
@@ -147,7 +157,21 @@ def plan(
             raw, image.size, spec.resolution, f"--validation-mask {spec.validation_mask}", fit=spec.fit
         )
         require_nonempty(mask, raw, spec.resolution, f"--validation-mask {spec.validation_mask}")
-    return TrainPlan(spec, source, data, prior, out, checkpoint, overwrite)
+    return TrainPlan(spec, source, data, prior, out, checkpoint, overwrite, tuple(heldout))
+
+
+def _check_trackers(report_to: str) -> None:
+    """--report-to needs its package; refused now rather than after the model has loaded."""
+    import importlib.util
+
+    if report_to == "none":
+        return
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[report_to]
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        raise UserError(
+            f"--report-to {report_to} needs the {modules[0]} package: pip install {modules[0]} "
+            "(or --report-to none; metrics.csv and loss.png are written either way)."
+        )
 
 
 # What `accelerate launch --mixed_precision X` (or its config file's value) hands the training process.
@@ -176,7 +200,17 @@ def launcher_precision(spec: TrainSpec) -> TrainSpec:
 
 
 # What sets the length and shape of a run's LR schedule (and, with --epochs, its steps per epoch).
-SCHEDULE_KEYS = ("max_steps", "epochs", "lr_scheduler", "warmup_steps", "batch_size", "grad_accum")
+SCHEDULE_KEYS = (
+    "max_steps",
+    "epochs",
+    "lr_scheduler",
+    "warmup_steps",
+    "batch_size",
+    "grad_accum",
+    "buckets",
+    "bucket_step",
+    "validation_split",  # the examples trained on, and so the steps per epoch
+)
 
 
 def _refuse_schedule_change(spec: TrainSpec, saved: dict[str, Any], resume: str | None) -> None:
@@ -256,6 +290,8 @@ def is_main_process() -> bool:
 
 def train(plan: TrainPlan, reporter: Reporter = SILENT):
     """Run ``plan``: check its images, write the run folder, train, save; returns a ``TrainResult``."""
+    import dataclasses
+
     from pie_cli.core.loading import quiet_libraries
     from pie_cli.training.data import check_images
     from pie_cli.training.loop import Trainer
@@ -263,15 +299,21 @@ def train(plan: TrainPlan, reporter: Reporter = SILENT):
     spec, out = plan.spec, plan.out
     with reporter.status(f"checking {len(plan.data.records)} images"):
         check_images(plan.data)
+        if plan.heldout:
+            check_images(dataclasses.replace(plan.data, records=list(plan.heldout)))
         if plan.prior:
             check_images(TrainingData(plan.prior, "folder", spec.class_data or ""))
+    if spec.buckets or spec.loss_mask == "lungs":  # buckets (refusals first) and lung masks, once
+        from pie_cli.training.dataset import prepare_examples
+
+        prepare_examples(spec, plan.data, list(plan.heldout), reporter)
     main = is_main_process()
     summary = _Summary(out, main, plan)
     _prepare_folder(plan, main, summary)
     defaulted = defaulted_values(spec)
     if defaulted:
         reporter.warn("using defaults for " + ", ".join(defaulted) + " (set them with flags or --config).")
-    trainer = Trainer(spec, plan.source, plan.data, plan.prior, out, reporter)
+    trainer = Trainer(spec, plan.source, plan.data, plan.prior, out, reporter, list(plan.heldout))
     try:
         with (
             trainer.signals,
@@ -291,6 +333,7 @@ def train(plan: TrainPlan, reporter: Reporter = SILENT):
         raise
     summary.save(
         status="complete",
+        validation=_validation_summary(trainer, summary),
         step=trained.steps,
         seconds=round(trained.seconds, 3),
         last_loss=trained.last_loss,
@@ -298,6 +341,32 @@ def train(plan: TrainPlan, reporter: Reporter = SILENT):
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     return trained
+
+
+def _validation_summary(trainer: Any, summary: _Summary) -> dict[str, Any] | None:
+    """The held-out loss's record: examples, timesteps, last and best (with its checkpoint, when kept)."""
+    from pie_cli.training.checkpoints import CHECKPOINTS
+    from pie_cli.training.validation import timesteps_of
+
+    if trainer.heldout is None:
+        return None
+    best = trainer.best()
+    history = trainer.val_history
+    record: dict[str, Any] = {
+        "examples": len(trainer.heldout.dataset),
+        "timesteps": list(timesteps_of(trainer.noise_scheduler.config.num_train_timesteps)),
+        "weights": "ema" if trainer.ema is not None else "trained",
+        "last": {"step": history[-1][0], "val_loss": history[-1][1]} if history else None,
+        "best": None,
+    }
+    if best is not None:
+        folder = trainer.out / CHECKPOINTS / f"step_{best[0]:06d}"
+        record["best"] = {
+            "step": best[0],
+            "val_loss": best[1],
+            "checkpoint": summary.inside(folder) if folder.is_dir() else None,
+        }
+    return record
 
 
 class _Summary:
@@ -312,10 +381,27 @@ class _Summary:
             "status": "running",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": plan.source.describe(),
-            "data": {"format": plan.data.format, "examples": len(plan.data.records)},
+            "data": {
+                "format": plan.data.format,
+                "examples": len(plan.data.records),
+                "held_out": len(plan.heldout),
+            },
             "resumed_from": self.inside(plan.checkpoint) if plan.checkpoint else None,
             "sources": plan.spec.sources,
         }
+        spec = plan.spec
+        if spec.loss_mask:
+            lungs = spec.loss_mask == "lungs"
+            self.data["loss_mask"] = {
+                "kind": spec.loss_mask,
+                # images the lung heuristic found nothing in: trained with full weight
+                "no_lungs_found": plan.data.lung_mask_failures if lungs else None,
+            }
+        if spec.buckets:
+            from pie_cli.training.buckets import plan_buckets
+
+            counts = plan_buckets(plan.data, spec).counts()
+            self.data["buckets"] = [{"canvas": f"{w}x{h}", "examples": n} for (w, h), n in counts]
 
     def inside(self, path: Path | None) -> str | None:
         """A path of the run as relative to its folder (the summary names no path outside it)."""
@@ -371,7 +457,14 @@ def _interrupted(
     at = f"step {step}" + (f" of {total}" if total else "")
     how = f" by {by}" if by else ""
     checkpoint = latest_checkpoint(out)
-    summary.save(status="interrupted", step=step, signal=by, checkpoint=summary.inside(checkpoint))
+    validation = _validation_summary(trainer, summary) if getattr(trainer, "heldout", None) else None
+    summary.save(
+        status="interrupted",
+        step=step,
+        signal=by,
+        checkpoint=summary.inside(checkpoint),
+        validation=validation,
+    )
     if not main:
         return Interrupted("interrupted.")
     if isinstance(exc, TrainingInterrupted):
@@ -388,3 +481,89 @@ def _interrupted(
     else:
         note += " Start over with --overwrite."
     return Interrupted(note)
+
+
+# --------------------------------------------------------------------------- --dry-run
+
+
+@dataclass
+class DryRun:
+    """What `pie finetune --dry-run` reports: the schedule, and a one-step probe's figures when run."""
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    trainable: int | None = None  # parameters the optimizer updates
+    parameters: int | None = None  # of the trained models (UNet, and the text encoder when trained)
+    step_seconds: float | None = None  # one optimizer step (grad_accum micro-batches), after a warm-up step
+    peak_memory: int | None = None  # bytes: CUDA's peak allocation, or the process's peak RSS on the CPU
+    memory_kind: str = ""
+    device: str = ""
+    probe_examples: int = 0
+
+
+def schedule(spec: TrainSpec, batches_per_epoch: int) -> tuple[int, int, float]:
+    """(optimizer steps per epoch, total steps, epochs) of a run with this many batches per epoch."""
+    import math
+
+    from pie_cli.training.config import DEFAULT_MAX_STEPS
+
+    per_epoch = max(1, math.ceil(batches_per_epoch / spec.grad_accum))
+    if spec.max_steps is not None:
+        total = spec.max_steps
+    elif spec.epochs is not None:
+        total = spec.epochs * per_epoch
+    else:
+        total = DEFAULT_MAX_STEPS
+    return per_epoch, total, total / per_epoch
+
+
+def dry_run(plan: TrainPlan, probe: bool = True, reporter: Reporter = SILENT) -> DryRun:
+    """The run's schedule and, with ``probe``, one real optimizer step's time and memory (in a scratch folder;
+    nothing of ``--out`` is touched). Single process: under a launcher, divide the steps by the processes."""
+    import math
+
+    if not probe:
+        batches = math.ceil(len(plan.data.records) / plan.spec.batch_size)
+        if plan.spec.buckets:  # each bucket's last batch may be short
+            from pie_cli.training.buckets import plan_buckets
+
+            batches = plan_buckets(plan.data, plan.spec).batches(plan.spec.batch_size)
+        per_epoch, total, epochs = schedule(plan.spec, batches)
+        return DryRun(per_epoch, total, epochs)
+    import dataclasses
+    import tempfile
+
+    from pie_cli.core.loading import quiet_libraries
+    from pie_cli.training.dataset import training_batches
+    from pie_cli.training.loop import Trainer
+
+    spec = plan.spec
+    needed = 2 * spec.batch_size * spec.grad_accum  # a warm-up step and the measured one
+    records = plan.data.records[:needed]
+    with tempfile.TemporaryDirectory(prefix="pie-probe-") as scratch:
+        probe_spec = dataclasses.replace(
+            spec, out=scratch, report_to="none", validation_every=None, max_steps=2, epochs=None
+        )
+        data = dataclasses.replace(plan.data, records=records)
+        prior = plan.prior[:needed] if plan.prior else None
+        trainer = Trainer(probe_spec, plan.source, data, prior, Path(scratch), reporter)
+        with quiet_libraries(reporter.verbose):
+            with reporter.status(f"loading {spec.model} for a one-step probe"):
+                trainer.setup()
+            seconds, peak, kind = trainer.probe()
+        batches = len(training_batches(spec, plan.data, plan.prior, trainer.tokenizer).loader)
+    per_epoch, total, epochs = schedule(spec, batches)
+    trained = trainer.trainables
+    return DryRun(
+        per_epoch,
+        total,
+        epochs,
+        trainable=sum(p.numel() for p in trainer.params),
+        parameters=sum(p.numel() for m in trained for p in trainer.accelerator.unwrap_model(m).parameters()),
+        step_seconds=seconds,
+        peak_memory=peak,
+        memory_kind=kind,
+        device=str(trainer.accelerator.device),
+        probe_examples=len(records),
+    )

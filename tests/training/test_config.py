@@ -92,7 +92,7 @@ def test_the_summary_names_no_command_line_and_no_input_path(cli, tiny_model, tm
     text = (out / "training_summary.json").read_text()
     summary = json.loads(text)
     assert "argv" not in summary and "MRN-0042" not in text
-    assert summary["data"] == {"format": "folder", "examples": 8}
+    assert summary["data"] == {"format": "folder", "examples": 8, "held_out": 0}
     assert summary["weights"] == "pytorch_lora_weights.safetensors"
     resumed = cli(
         "finetune", "--out", out, "--resume", "latest", "--max-steps", "3", "--allow-schedule-change"
