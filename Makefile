@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := .cache/demo
 
-.PHONY: install test test-min lint demo demo-model finetune simulate bench clean
+.PHONY: install test test-min lint demo demo-model finetune simulate bench bench-smoke gpu-wheels clean
 
 # make finetune RECIPE=recipes/chexpert-lora.yaml DATA=/data/CheXpert-v1.0  (re-run to resume)
 # make simulate RECIPE=recipes/chexpert-lora.yaml IMAGE=cxr.png MASK=lung.png PROMPT="large left pleural effusion"
@@ -73,6 +73,14 @@ simulate: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_simulate.py
 	$(BIN)/python benchmarks/bench_finetune.py
+
+# The GPU check's CPU rehearsal at tiny sizes (benchmarks/gpu/README.md; also tests/benchmarks/).
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/gpu/check.py --smoke --device cpu
+
+# The wheels a lent GPU machine lacks, pinned to requirements/dev.txt, for its CPython 3.12 (downloads).
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu/wheels.py --out .cache/gpu-wheels
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .cache runs .pytest_cache .ruff_cache *.egg-info
