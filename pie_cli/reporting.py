@@ -8,7 +8,8 @@ Services (``simulate``, ``training``, ``evaluation``, ``doctor``) never print: t
 - ``note(text)`` / ``warn(text)``: one line for a person;
 - ``status(text)``: a context manager around work of unknown length (loading a model);
 - ``start(total, label)`` then ``advance(index, seconds, info)``: an outer count (progression
-  steps, training steps, phantoms);
+  steps, training steps, phantoms); log lines come at least every ``every`` items, and a first
+  ``advance`` of 0 seconds reports items done before (a resumed run's), so rates count from it;
 - ``inner(n, done, total)``: the denoising steps inside progression step ``n``.
 
 ``quiet`` says notes are unwanted (a signal handler then stays silent too) and ``verbose``

@@ -72,11 +72,14 @@ def hermetic_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(hf))
     monkeypatch.setenv("HF_HUB_CACHE", str(hf / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("PIE_MODEL", "PIE_DEVICE", "PIE_DTYPE", "PIE_SEED", "PIE_PROGRESS"):
+    for var in ("PIE_MODEL", "PIE_DEVICE", "PIE_DTYPE", "PIE_SEED", "PIE_PROGRESS_INTERVAL"):
         monkeypatch.delenv(var, raising=False)
-    from pie_cli.cli.console import ui
+    # Off a terminal (as here) `auto` prints log lines; tests that assert stderr want none unless they
+    # ask (`--progress plain|auto`, tests/cli/test_progress_log.py). Child processes inherit it.
+    monkeypatch.setenv("PIE_PROGRESS", "off")
+    from pie_cli.cli.console import PROGRESS_INTERVAL, ui
 
-    ui.debug, ui.quiet, ui.progress = False, False, "auto"
+    ui.debug, ui.quiet, ui.progress, ui.progress_interval = False, False, "off", PROGRESS_INTERVAL
     yield
     _reset_accelerate()
 

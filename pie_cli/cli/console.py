@@ -8,12 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+PROGRESS_INTERVAL = 30.0  # seconds: at most this long between log lines (--progress-interval's default)
+
 
 @dataclass
 class UiSettings:
     debug: bool = False
     quiet: bool = False
     progress: str = "auto"  # auto | on | plain | off
+    progress_interval: float = PROGRESS_INTERVAL
 
 
 ui = UiSettings()

@@ -272,7 +272,9 @@ def test_a_fresh_process_reaches_hf_endpoint_and_draws_progress_on_stderr(hub, f
     """No monkeypatching: a user's `HF_ENDPOINT=... pie models pull` reaches the endpoint, files go into
     $HF_HUB_CACHE, the snapshot's path is all of stdout and the progress is on stderr."""
     hub.add("org/full", full, COMMIT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_TOKEN"))}
+    # online, and with the default progress (not conftest's PIE_PROGRESS=off): the bars are checked
+    unset = ("HF_HUB_OFFLINE", "HF_TOKEN", "PIE_PROGRESS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(unset)}
     env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN_PATH=str(tmp_path / "no-token"))
     done = subprocess.run(
         [sys.executable, "-m", "pie_cli", "models", "pull", "org/full", "--variant", "fp16"],

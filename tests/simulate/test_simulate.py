@@ -4,6 +4,7 @@ options and schedules, provenance and watermark, bad input, internal and numeric
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,8 +125,11 @@ def test_plain_progress_reports_each_step(cli, inputs, tiny_model, tmp_path):
     argv = simulate_argv(inputs["image"], tmp_path / "run", model=tiny_model, prompt="effusion", **FAST)
     result = cli("--progress", "plain", *argv)
     assert result.exit_code == 0, result.output
-    for n in (1, 2, 3):
-        assert f"progression {n}/3 done in" in result.stderr
+    steps = [line for line in result.stderr.splitlines() if line.startswith("progression  ")]
+    assert [line.split("  ")[1] for line in steps] == ["1/3", "2/3", "3/3"]  # one line per step
+    fields = r"progression  \d/3  \d+\.\d\d (it/s|s/it)  elapsed \d+:\d\d  eta \d+:\d\d"  # count, rate, times
+    assert all(re.fullmatch(fields, line) for line in steps), steps
+    assert steps[-1].endswith("eta 0:00")
     assert "progression steps in" in result.stderr  # the summary line
 
 

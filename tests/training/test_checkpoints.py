@@ -46,7 +46,7 @@ def rows(out: Path) -> list[tuple[int, str, str]]:
         return []
     with open(path, newline="") as fh:
         found = list(csv.reader(fh))[1:]
-    return [(int(r[0]), r[1], r[2]) for r in found if len(r) == 4 and r[0].isdigit()]
+    return [(int(r[0]), r[1], r[2]) for r in found if len(r) == 5 and r[0].isdigit()]
 
 
 def last_step(out: Path) -> int:

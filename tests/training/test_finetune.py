@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,11 @@ def test_validation_samples_and_progress(cli, data, tiny_model, tmp_path):
         "step_000002_pie.png",
     }
     assert Image.open(tmp_path / "v" / "samples" / "step_000002_pie.png").size == (4 * 32, 32)
-    assert "finetune 2/2 done in" in result.stderr and "loss " in result.stderr and "lr " in result.stderr
+    last = [line for line in result.stderr.splitlines() if line.startswith("finetune  2/2  ")]
+    assert len(last) == 1 and re.fullmatch(
+        r"finetune  2/2  loss \d+\.\d{4}  lr \d\.\d\de[-+]\d\d  \d+\.\d\d (it/s|s/it)  elapsed \d+:\d\d  eta 0:00",
+        last[0],
+    ), result.stderr
 
 
 def test_dry_run_prints_prompts_and_writes_nothing(cli, data, tiny_model, tmp_path):
