@@ -336,7 +336,15 @@ class Trainer:
         return best_of(self.val_history)
 
     def _start_trackers(self) -> None:
+        from pie_cli.errors import UserError
         from pie_cli.training.checkpoints import RUN_NAME
+
+        names = {str(getattr(t, "value", t)).lower() for t in (self.accelerator.log_with or [])}
+        if self.spec.report_to not in names:  # accelerate drops a tracker it cannot use with a mere warning
+            raise UserError(
+                f"--report-to {self.spec.report_to}: accelerate finds no usable {self.spec.report_to} "
+                f"installation (pip install {self.spec.report_to}); or --report-to none."
+            )
 
         config = {
             k: (v if isinstance(v, (int, float, str, bool)) else str(v))

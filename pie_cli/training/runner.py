@@ -166,8 +166,20 @@ def _check_trackers(report_to: str) -> None:
 
     if report_to == "none":
         return
+
+    def installed(name: str) -> bool:  # accelerate's own test: importable and with package metadata
+        import importlib.metadata
+
+        if importlib.util.find_spec(name) is None:
+            return False
+        try:
+            importlib.metadata.metadata(name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
     modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[report_to]
-    if not any(importlib.util.find_spec(m) is not None for m in modules):
+    if not any(installed(m) for m in modules):
         raise UserError(
             f"--report-to {report_to} needs the {modules[0]} package: pip install {modules[0]} "
             "(or --report-to none; metrics.csv and loss.png are written either way)."

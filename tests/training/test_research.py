@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -484,3 +487,93 @@ def test_empty_masks_make_every_training_and_held_out_loss_zero(cli, tiny_model,
     up = [v for k, v in lora.items() if "lora_B" in k or "lora.up" in k]  # zero-initialised, never trained
     assert up and all(torch.count_nonzero(v) == 0 for v in up)
     assert summary(out)["loss_mask"] == {"kind": "data", "no_lungs_found": None}
+
+
+WANDB_STAND_IN = '''"""A stand-in for wandb: records what accelerate's WandBTracker calls, in calls.json beside it."""
+import json
+from pathlib import Path
+
+_calls = []
+_file = Path(__file__).with_name("calls.json")
+
+
+def _record(*entry):
+    _calls.append(list(entry))
+    _file.write_text(json.dumps(_calls))
+
+
+class _Config:
+    def update(self, values, allow_val_change=False):
+        _record("config", values)
+
+
+config = _Config()
+
+
+class _Run:
+    def log(self, values, step=None, **kwargs):
+        _record("log", values, step)
+
+    def finish(self):
+        _record("finish")
+
+
+def init(project=None, **kwargs):
+    _record("init", project, kwargs)
+    return _Run()
+'''
+
+
+def test_wandb_gets_the_run_through_accelerates_tracker(tiny_model, tmp_path):
+    """accelerate's WandBTracker driven by pie (a stand-in package records the calls: wandb itself would
+    need an account or its service process): the project, the log folder, every step's values, finish."""
+    site = tmp_path / "site"
+    (site / "wandb").mkdir(parents=True)
+    (site / "wandb" / "__init__.py").write_text(WANDB_STAND_IN)
+    (site / "wandb-0.99.0.dist-info").mkdir()
+    (site / "wandb-0.99.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: wandb\nVersion: 0.99.0\n"
+    )
+    data = colour_folder(tmp_path / "data", n=8)
+    out = tmp_path / "ft"
+    argv = finetune_argv(
+        data, tiny_model, out, "--report-to", "wandb", "--validation-split", "0.25", "--validation-loss-every",
+        "3", *FAST, max_steps=3,
+    )  # fmt: skip
+    # A fresh process: accelerate decides which trackers exist when it is first imported.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "pie_cli", *map(str, argv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = json.loads((site / "wandb" / "calls.json").read_text())
+    assert calls[0] == ["init", "pie-finetune", {"dir": str(out / "logs")}]
+    config = next(c[1] for c in calls if c[0] == "config")
+    assert config["validation_split"] == 0.25 and config["report_to"] == "wandb" and config["lr"] == 0.0001
+    logged = {c[2]: c[1] for c in calls if c[0] == "log"}
+    rows = {int(r["step"]): r for r in metrics(out)}
+    assert sorted(logged) == [1, 2, 3]
+    for step, values in logged.items():
+        assert values["loss"] == pytest.approx(float(rows[step]["loss"]), abs=1e-6)
+    assert "val_loss" not in logged[2] and logged[3]["val_loss"] == pytest.approx(
+        val_losses(out)[3], abs=1e-6
+    )
+    assert calls[-1] == ["finish"]
+
+
+def test_a_wandb_folder_that_is_no_installed_package_is_refused_as_accelerate_would_ignore_it(
+    cli, tiny_model, tmp_path, monkeypatch
+):
+    site = tmp_path / "site"
+    (site / "wandb").mkdir(parents=True)
+    (site / "wandb" / "__init__.py").write_text("")  # importable, but no package metadata
+    monkeypatch.syspath_prepend(str(site))
+    data = colour_folder(tmp_path / "data", n=4)
+    result = cli(*finetune_argv(data, tiny_model, tmp_path / "ft", "--report-to", "wandb", max_steps=1))
+    assert result.exit_code == 2
+    assert "--report-to wandb needs the wandb package: pip install wandb" in result.stderr
+    assert not (tmp_path / "ft").exists()
