@@ -162,14 +162,13 @@ def plan(
 
 def _check_trackers(report_to: str) -> None:
     """--report-to needs its package; refused now rather than after the model has loaded."""
+    import importlib.metadata
     import importlib.util
 
     if report_to == "none":
         return
 
     def installed(name: str) -> bool:  # accelerate's own test: importable and with package metadata
-        import importlib.metadata
-
         if importlib.util.find_spec(name) is None:
             return False
         try:
