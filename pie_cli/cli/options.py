@@ -82,14 +82,6 @@ DeviceOpt = Annotated[
         "--device", envvar="PIE_DEVICE", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps, cpu."
     ),
 ]
-DtypeOpt = Annotated[
-    Dtype,
-    typer.Option(
-        "--dtype",
-        envvar="PIE_DTYPE",
-        help="auto = fp16 on CUDA (VAE kept in fp32 when it would overflow), fp32 elsewhere.",
-    ),
-]
 OutOpt = Annotated[
     Path | None,
     typer.Option(

@@ -101,7 +101,18 @@ def load_parts(
 
     typed = {} if dtype is None else {"torch_dtype": dtype}
     vae_typed = {} if (vae_dtype or dtype) is None else {"torch_dtype": vae_dtype or dtype}
-    unet = UNet2DConditionModel.from_pretrained(part_folder(source, "unet"), **typed, **opts("unet"))
+    unet_folder = part_folder(source, "unet")
+    if _converts_from_fp32_files(unet_folder, chosen["unet"], dtype):
+        # Read as stored (memory-mapped, nothing copied), then converted tensor by tensor, each
+        # fp32 source handed back as it goes: the peak is the converted UNet, not fp32 + converted.
+        import torch
+
+        from pie_cli.core.devices import convert_releasing
+
+        unet = UNet2DConditionModel.from_pretrained(unet_folder, torch_dtype=torch.float32, **opts("unet"))
+        convert_releasing(unet, dtype)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(unet_folder, **typed, **opts("unet"))
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **vae_typed, **opts("vae"))
     text_encoder, info = CLIPTextModel.from_pretrained(
         root,
@@ -120,6 +131,37 @@ def load_parts(
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
     _check_fit(source, unet, text_encoder, vae)
     return unet, vae, text_encoder, tokenizer
+
+
+def _converts_from_fp32_files(folder: Path, choice: Any, dtype: Any) -> bool:
+    """Whether the part in ``folder`` is loaded into a narrower float dtype from safetensors files holding only fp32."""
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16) or not choice.safetensors:
+        return False
+    files = [folder / name for name in choice.names if name.endswith(".safetensors")]
+    return bool(files) and all(safetensors_float_dtypes(f) == {"F32"} for f in files)
+
+
+def safetensors_float_dtypes(path: Path) -> set[str]:
+    """The dtypes ("F32", "F16", "BF16", ...) of the floating-point tensors a safetensors file holds (its header only)."""
+    import struct
+
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= size <= 100_000_000:
+                return set()
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return set()  # unreadable here: the loader's own reading reports it
+    return {
+        entry["dtype"]
+        for name, entry in header.items()
+        if name != "__metadata__"
+        and isinstance(entry, dict)
+        and str(entry.get("dtype", "")).startswith(("F", "BF"))
+    }
 
 
 def _single_file_parts(source: ModelSource, dtype: Any, vae_dtype: Any, allow_pickle: bool, warn) -> tuple:

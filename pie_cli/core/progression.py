@@ -28,6 +28,8 @@ diffusers' own img2img for the maskless case):
               for i, t in enumerate(ts):
                   if mask and i > 0: z_t = ref_i * (1 - M) + z_t * M
                   eps = eps_u + w * (eps_c - eps_u);  z_t = scheduler.step(eps, t, z_t)
+                  (w = 1 reads eps_c alone and w = 0 eps_u alone, the formula's value without the
+                  other branch: see :func:`guidance_branches`)
               z_out = z_init + (z_t - z_init) * (b1 * (1 - M) + b2 * M)   (z_t without a mask)
               (opt-in, not the original's: b2 may vary per step, ``beta2_schedule``; the mask may
               grow over the steps, ``mask_growth``: step n then uses M_n, see imaging.growth)
@@ -43,7 +45,8 @@ diffusers' own img2img for the maskless case):
 
 With every random draw replaced by zeros the algorithm is deterministic. With PNDM, whose
 timestep list holds one repeated entry, ``ts`` has k + 1 entries; with DDIM, k. A run costs
-N * len(ts) UNet calls (batch 2 with guidance), one text encoding, N VAE encodes and N decodes.
+N * len(ts) UNet calls (batch 2 per trajectory; 1 at a step whose guidance w is 1 or 0), one text
+encoding, N VAE encodes and N decodes.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pie_cli.core.devices import input_memory_format, release_after_use
 from pie_cli.core.parameters import PieConfig, denoise_count
 from pie_cli.errors import NumericalError
 from pie_cli.imaging.geometry import Geometry, fit_geometry
@@ -73,6 +77,7 @@ __all__ = [
     "PieConfig",
     "ResumePoint",
     "denoise_count",
+    "guidance_branches",
     "progress",
     "progress_batch",
 ]
@@ -170,6 +175,22 @@ def step_timesteps(
     return scheduler.timesteps[inference_steps - k :]
 
 
+def guidance_branches(guidance: float) -> str:
+    """Which UNet predictions the guided noise eps = eps_u + w * (eps_c - eps_u) of a step needs.
+
+    ``"cond"`` for w = 1 (eps_c: the unconditional branch has no effect, the UNet runs at batch K;
+    equal to the formula within float rounding), ``"uncond"`` for w = 0 (eps_u, the formula's value
+    exactly), ``"both"`` (batch 2K) for every other w, 0 < w < 1 included: there the formula
+    interpolates between the two predictions, as the original method computes it. (Diffusers'
+    pipelines instead drop guidance for every w <= 1, using eps_c; pie keeps the formula.)
+    """
+    if guidance == 1.0:
+        return "cond"
+    if guidance == 0.0:
+        return "uncond"
+    return "both"
+
+
 def count_prompt_tokens(tokenizer: Any, text: str) -> int:
     """Tokens of ``text`` including BOS/EOS; CLIP reads at most ``tokenizer.model_max_length``."""
     return len(tokenizer(text, truncation=False).input_ids)
@@ -252,7 +273,8 @@ def _encode_ids(
 def encode_posterior(components: Components, x: torch.Tensor) -> Any:
     """The VAE's posterior distribution for an image tensor in [-1, 1]."""
     vae = components.vae
-    return vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    x = x.to(device=vae.device, dtype=vae.dtype).contiguous(memory_format=input_memory_format(vae))
+    return vae.encode(x).latent_dist
 
 
 def sample_latents(components: Components, posterior: Any, generators: list[torch.Generator]) -> torch.Tensor:
@@ -265,7 +287,8 @@ def sample_latents(components: Components, posterior: Any, generators: list[torc
 def decode_latents(components: Components, z: torch.Tensor, step: int | None = None) -> list[Image.Image]:
     """8-bit frames of latents ``z``; NaN/inf in the decoded tensor is a ``NumericalError``, never a black frame."""
     vae = components.vae
-    x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample
+    z = (z / vae.config.scaling_factor).to(vae.dtype).contiguous(memory_format=input_memory_format(vae))
+    x = vae.decode(z).sample
     if not torch.isfinite(x).all():
         where = f"progression step {step}" if step is not None else "decoding"
         raise NumericalError(
@@ -336,6 +359,7 @@ def _prepare(
         components.unet.dtype
     )
     by_prompt = {p: embeddings[i + 1 : i + 2] for i, p in enumerate(prompts)}
+    release_after_use(components.text_encoder)  # not used again this run: its pages leave the peak
     # 3. Initial latents, once per run.
     posterior0 = _repeat_posterior(encode_posterior(components, image_to_tensor(x0, device)), len(generators))
     z_init = sample_latents(components, posterior0, generators)
@@ -419,7 +443,14 @@ def _progression_step(
     ts = step_timesteps(scheduler, config.inference_steps, config.strength_at(n), device)
     step_accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     guidance = config.guidance_at(n)
-    text = torch.cat([prep.negative] * k + [prep.prompts[config.prompt_at(n)]] * k)
+    branches = guidance_branches(guidance)
+    prompt = prep.prompts[config.prompt_at(n)]
+    text = torch.cat(
+        {"both": [prep.negative] * k + [prompt] * k, "cond": [prompt] * k, "uncond": [prep.negative] * k}[
+            branches
+        ]
+    )
+    layout = input_memory_format(unet)
 
     # 1. Latents of the previous frames (their 8-bit images), noised to ts[0].
     #    Frame 0's posterior is already known from the preparation: no second encode.
@@ -431,7 +462,8 @@ def _progression_step(
     ref_noise = randn_like(prep.z_init, generators)
     mask = prep.step_masks[n - 1] if prep.step_masks is not None else prep.mask
 
-    # 3. Masked denoising with classifier-free guidance: one UNet call (batch 2K) per timestep.
+    # 3. Masked denoising with classifier-free guidance: one UNet call (batch 2K) per timestep;
+    #    batch K when w = 1 or 0 leaves one branch without effect (guidance_branches).
     total = len(ts)
     for i, t in enumerate(ts):
         if mask is not None and i > 0:
@@ -439,10 +471,16 @@ def _progression_step(
             # that schedulers which look noise levels up by position see the right one.
             ref = scheduler.add_noise(prep.z_init, ref_noise, t.reshape(1))
             z_t = ref * (1 - mask) + z_t * mask
-        model_in = scheduler.scale_model_input(torch.cat([z_t, z_t]), t)
-        eps = unet(model_in.to(unet.dtype), t, encoder_hidden_states=text, return_dict=False)[0]
-        eps_u, eps_c = eps.float().chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
+        model_in = scheduler.scale_model_input(torch.cat([z_t, z_t]) if branches == "both" else z_t, t)
+        model_in = model_in.to(unet.dtype).contiguous(memory_format=layout)
+        eps = unet(model_in, t, encoder_hidden_states=text, return_dict=False)[0]
+        if branches == "both":
+            eps_u, eps_c = eps.float().chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        else:
+            # A tensor of its own: the scheduler keeps eps in its history (PNDM), and a UNet compiled
+            # with CUDA graphs may hand the same output memory back at its next call.
+            eps = eps.to(torch.float32, copy=True)
         extra = {"generator": generators if k > 1 else generators[0]} if step_accepts_generator else {}
         z_t = scheduler.step(eps, t, z_t, return_dict=False, **extra)[0].float()
         if on_denoise is not None:
@@ -573,7 +611,8 @@ def progress_batch(
 
     Trajectory k uses ``generators[k]`` (or a CPU generator seeded ``seeds[k]``) and equals,
     to float tolerance, a single :func:`progress` run with that generator; every denoising
-    step is one UNet call with batch 2K.
+    step is one UNet call with batch 2K (K where the step's guidance is 1 or 0, see
+    :func:`guidance_branches`).
 
     After each yield the generators are exactly where the next step will start drawing, so
     a caller can save ``g.get_state()`` with the frames. ``resume`` continues such a run: the

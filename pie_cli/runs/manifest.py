@@ -11,7 +11,10 @@ A simulate manifest says what made the run and how far it got::
     inputs       image and mask identified by SHA-256 and pixel geometry (never by path),
     geometry     how the image became the canvas (imaging.geometry: fit, source, resized, offset,
                  canvas, content) and, with --full-res, its window, region, scale and feather,
-    placement, environment, outputs,
+    placement    device, dtype, vae_dtype,
+    speed        intra-op threads and, for the UNet and the VAE, memory_format (channels_last |
+                 contiguous), weights (packed for oneDNN on the CPU | plain) and compiled,
+    environment, outputs,
     run_id, status (running | complete | failed | interrupted), frames (index, file, seconds,
     sha256), last_complete_frame, rng_states (while unfinished), started, finished, resumed.
 
@@ -118,6 +121,7 @@ def build(
     environment: dict[str, Any],
     steps: int,
     geometry: dict[str, Any] | None = None,
+    speed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A new simulate manifest, before its first frame (the writer adds status, frames and run id)."""
     from pie_cli import __version__
@@ -133,6 +137,7 @@ def build(
         "inputs": inputs,
         "geometry": geometry,
         "placement": placement,
+        "speed": speed,
         "environment": environment,
         "outputs": {"frames": [frame_name(0), frame_name(steps)]},
     }

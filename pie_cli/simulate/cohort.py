@@ -219,6 +219,7 @@ def run_cohort(
     ``headline`` measures a finished case's folder for ``cohort_summary.csv`` (its ``HEADLINE``
     columns stay empty without it). ``score_loader`` builds the scorer of paced cases (``--pace``).
     """
+    from pie_cli.core.devices import intra_op_threads
     from pie_cli.signals import terminate_as_interrupt
     from pie_cli.simulate.run import check_against_model, load_model, make_pace, run_case
 
@@ -230,7 +231,7 @@ def run_cohort(
     plans = [_plan(case, base, cohort, reporter) for case in split(cases, rank, world)]
     result = CohortResult(base.out)
     order = [c.name for c in cases]
-    with terminate_as_interrupt():
+    with terminate_as_interrupt(), intra_op_threads(base.threads):
         components = placement = None
         for index, plan in enumerate(plans):
             spec = plan.spec

@@ -4,7 +4,8 @@ The run's own manifest says everything needed: its parameters, how its model was
 its last whole step and the generators' states after it. The spec is rebuilt from those
 records and checked by the same :func:`~pie_cli.simulate.spec.build_config` as a fresh run,
 so a damaged or edited manifest is refused with a sentence naming it. Only ``--device``,
-``--dtype``, ``--compile`` and ``--allow-pickle`` may be given again.
+``--dtype``, ``--compile``, ``--threads`` and ``--allow-pickle`` may be given again (bit-identical
+frames on the CPU need the run's own thread count, which its manifest records under ``speed``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def resume_run(
     ``given`` holds run options the command repeated (a requeued job's original command line):
     each must match what the run recorded, or the resume is refused naming it.
     """
+    from pie_cli.core.devices import intra_op_threads
     from pie_cli.signals import terminate_as_interrupt
 
     plan = plan_resume(out, base, given)
@@ -56,7 +58,7 @@ def resume_run(
     pace = make_pace(spec, score_loader)  # a paced run follows its recorded curve and classifier
     step = resume.point.step
     reporter.note(f"resuming {out} after step {step} of {spec.steps}")
-    with terminate_as_interrupt():
+    with terminate_as_interrupt(), intra_op_threads(spec.threads):
         components, placement = load_model(spec, inputs, reporter)
         check_against_model(spec, inputs, components, reporter)
         seconds = run_case(spec, inputs, components, placement, reporter, resume=resume, pace=pace)

@@ -193,7 +193,8 @@ def check_output(spec: SimulateSpec, source: ModelSource) -> None:
 
 
 def load_model(spec: SimulateSpec, inputs: Inputs, reporter: Reporter) -> tuple[Any, Any]:
-    """(components, placement): the model on its device, tuned for speed on CUDA or with --compile."""
+    """(components, placement): the model on its device, tuned for speed (core.devices.tune_for_speed:
+    channels-last, on the CPU packed weights, --compile)."""
     from pie_cli.core.devices import choose_placement, tune_for_speed
     from pie_cli.core.loading import load
     from pie_cli.core.model_files import vae_force_upcast
@@ -209,8 +210,12 @@ def load_model(spec: SimulateSpec, inputs: Inputs, reporter: Reporter) -> tuple[
             allow_pickle=spec.allow_pickle,
             warn=reporter.warn,
         )
-        if spec.compile or placement.device.type == "cuda":
-            tune_for_speed(components, placement, compile_unet=spec.compile)
+        tune_for_speed(components, placement, compile_unet=spec.compile)
+    if spec.compile and placement.device.type == "cpu":
+        reporter.warn(
+            "--compile is not applied on the CPU: torch.compile measured slower there than pie's packed "
+            "weights (benchmarks/bench_simulate.py --compile); the UNet runs eager."
+        )
     return components, placement
 
 
@@ -281,13 +286,14 @@ def run(
 
     ``score_loader`` builds the scorer of a paced run (``--pace``), see :data:`ScoreLoader`.
     """
+    from pie_cli.core.devices import intra_op_threads
     from pie_cli.signals import terminate_as_interrupt
 
     inputs = prepare_inputs(spec)
     for note in inputs.notes:
         reporter.warn(note)
     pace = make_pace(spec, score_loader)
-    with terminate_as_interrupt():
+    with terminate_as_interrupt(), intra_op_threads(spec.threads):
         components, placement = load_model(spec, inputs, reporter)
         check_against_model(spec, inputs, components, reporter)
         seconds = run_case(spec, inputs, components, placement, reporter, pace=pace)
@@ -392,6 +398,7 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
     """The manifest of a case about to start (see :mod:`pie_cli.runs.manifest` for the schema)."""
     import torch
 
+    from pie_cli.core.devices import speed_record
     from pie_cli.core.progression import fresh_scheduler, step_timesteps
     from pie_cli.core.registry import source_fingerprint
     from pie_cli.runs import manifest
@@ -413,6 +420,7 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
             "device": spec.device,
             "dtype": spec.dtype,
             "compile": spec.compile,
+            "threads": spec.threads,
             "allow_pickle": spec.allow_pickle,
         },
         scheduler={
@@ -428,6 +436,7 @@ def new_manifest(spec: SimulateSpec, inputs: Inputs, components: Any, placement:
             "full_res": inputs.full.describe() if inputs.full is not None else None,
         },
         placement=placement.describe(),
+        speed=speed_record(components),  # intra-op threads; per part: layout, weights, compiled
         environment=manifest.environment(placement.device.type, placement.device),
         steps=spec.steps,
     )

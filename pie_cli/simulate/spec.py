@@ -27,6 +27,7 @@ from pie_cli.core.parameters import (
 from pie_cli.errors import UserError
 
 EXAMPLE_PROMPT = "large left pleural effusion"
+MAX_THREADS = 1024  # --threads: far beyond any machine's cores, so a typo cannot stall the process
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class SimulateSpec:
     guidance_schedule: str | None = None
     beta2_schedule: str | None = None
     compile: bool = False
+    threads: int | None = (
+        None  # --threads: CPU intra-op threads (None: torch's default); not a result-shaping option
+    )
     watermark: bool = False
     allow_pickle: bool = False
     model_config: str | None = None  # --model-config: the configs describing a single-file --model
@@ -225,6 +229,8 @@ def build_config(
         pace_plan(spec)  # checked now, before anything is loaded
     if not 0 <= spec.seed < MAX_SEED:
         raise UserError(f"--seed must be in [0, 2^63), got {spec.seed}.")
+    if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
+        raise UserError(f"--threads must be in 1..{MAX_THREADS}, got {spec.threads}.")
     if not 1 <= spec.trajectories <= MAX_TRAJECTORIES:
         raise UserError(f"--trajectories must be in 1..{MAX_TRAJECTORIES}, got {spec.trajectories}.")
     return config
