@@ -34,7 +34,9 @@ model at 256 px; ``benchmarks/bench_simulate.py``, README "Speed"):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import mmap
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -305,28 +307,12 @@ def _trim_heap() -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     # Not glibc (musl has no malloc_trim): nothing to do, the memory is reused by later allocations.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
 
 
 _MADV_DONTNEED = 4  # Linux
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) addresses of this process's memory-mapped files (Linux; elsewhere none)."""
-    maps = Path("/proc/self/maps")
-    if not sys.platform.startswith("linux") or not maps.is_file():
-        return []
-    ranges = []
-    for line in maps.read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and fields[5].startswith("/") and fields[1].startswith("r"):
-            start, end = (int(a, 16) for a in fields[0].split("-"))
-            ranges.append((start, end))
-    return ranges
 
 
 def convert_releasing(module, dtype: torch.dtype) -> None:
@@ -337,7 +323,7 @@ def convert_releasing(module, dtype: torch.dtype) -> None:
     part plus the converted one (5.4 GB for an SD-1.5 UNet in bf16, against 1.7 GB converted). Here
     the peak is the converted part plus one tensor. Values are those of ``module.to(dtype)``.
     """
-    clean = _clean_file_mappings()
+    clean = _file_mappings(unwritten_only=True)
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             if tensor.is_floating_point() and tensor.dtype != dtype:
@@ -348,13 +334,14 @@ def convert_releasing(module, dtype: torch.dtype) -> None:
                 del source
 
 
-def _clean_file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's file mappings that hold no written page (Linux; elsewhere none).
+def _file_mappings(unwritten_only: bool = False) -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's memory-mapped files (Linux smaps; elsewhere none).
 
-    A written page of a private mapping becomes the process's own anonymous copy (``Anonymous`` in
-    smaps): dropping it would bring the file's bytes back in place of what was written. A mapping
-    with no such page reads back exactly what it held. (``Private_Dirty`` would not do: it also
-    counts pages of a file written moments ago that the kernel has not flushed to disk yet.)
+    ``unwritten_only``: only mappings that hold no written page. A written page of a private
+    mapping becomes the process's own anonymous copy (``Anonymous`` in smaps): dropping it would
+    bring the file's bytes back in place of what was written. A mapping with no such page reads
+    back exactly what it held. (``Private_Dirty`` would not do: it also counts pages of a file
+    written moments ago that the kernel has not flushed to disk yet.)
     """
     smaps = Path("/proc/self/smaps")
     if not sys.platform.startswith("linux") or not smaps.is_file():
@@ -367,7 +354,7 @@ def _clean_file_mappings() -> list[tuple[int, int]]:
             named = len(fields) >= 6 and fields[5].startswith("/") and fields[1].startswith("r")
             current = (start, end) if named else None
         elif current is not None and fields[:1] == ["Anonymous:"]:
-            if fields[1] == "0":
+            if fields[1] == "0" or not unwritten_only:
                 ranges.append(current)
             current = None
     return ranges
@@ -383,7 +370,7 @@ def release_after_use(module) -> int:
     """
     if not getattr(_inner(module), _RELEASE, False):
         return 0
-    clean = _clean_file_mappings()
+    clean = _file_mappings(unwritten_only=True)
     if not clean:
         return 0
     count = 0
@@ -397,25 +384,30 @@ def _drop_file_pages(weight: torch.Tensor, mapped: list[tuple[int, int]]) -> boo
     """Hand back the resident pages of a weight that lies in a mapped file (no copy of it is left).
 
     Only whole pages inside the weight's own bytes are dropped: a neighbouring tensor's data is
-    never touched. Returns whether pages were dropped. A dropped page of a file mapping is read from the file again if ever used.
+    never touched. Returns whether pages were dropped. A dropped page of a file mapping is read
+    from the file again if ever used.
     """
     start = weight.data_ptr()
     end = start + weight.numel() * weight.element_size()
     if not any(lo <= start and end <= hi for lo, hi in mapped):
         return False
-    import ctypes
-    import mmap
-
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
-    if last <= first:
-        return False
+    madvise = _madvise()
+    if last <= first or madvise is None:
+        return False  # without madvise the pages stay until the file is unmapped at the end
+    return madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise (loaded once), or None where there is none."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
-        return False  # the pages stay until the file is unmapped at the end
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 class _PackedConv:

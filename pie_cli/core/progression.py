@@ -445,11 +445,8 @@ def _progression_step(
     guidance = config.guidance_at(n)
     branches = guidance_branches(guidance)
     prompt = prep.prompts[config.prompt_at(n)]
-    text = torch.cat(
-        {"both": [prep.negative] * k + [prompt] * k, "cond": [prompt] * k, "uncond": [prep.negative] * k}[
-            branches
-        ]
-    )
+    texts = {"both": [prep.negative, prompt], "cond": [prompt], "uncond": [prep.negative]}[branches]
+    text = torch.cat([t for t in texts for _ in range(k)])  # each branch's K rows together, as eps is split
     layout = input_memory_format(unet)
 
     # 1. Latents of the previous frames (their 8-bit images), noised to ts[0].

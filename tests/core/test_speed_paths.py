@@ -257,7 +257,7 @@ def test_threads_are_set_for_the_block_and_restored():
 
 
 linux_only = pytest.mark.skipif(
-    not devices._clean_file_mappings(), reason="needs Linux's /proc/self/smaps and file mappings"
+    not devices._file_mappings(unwritten_only=True), reason="needs Linux's /proc/self/smaps and file mappings"
 )
 
 
